@@ -1,0 +1,202 @@
+"""`MllmForConditionalGeneration`: vision tower -> connector -> image tokens spliced into a causal LLM."""
+
+from __future__ import annotations
+
+import copy
+import os
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+from mllm.models.configuration_mllm import MllmConfig
+from mllm.models.connectors import build_connector
+from mllm.models.processing_mllm import ensure_image_token
+from mllm.models.vision import build_vision_tower, select_features, vision_config_from
+
+__all__ = ["MllmPreTrainedModel", "MllmForConditionalGeneration", "load_config_or_explain"]
+
+
+def load_config_or_explain(
+    role: str, name_or_path: str | os.PathLike, loader=AutoConfig.from_pretrained, **kw
+):
+    """Load a component's config, turning a deep OSError into a message that names the component."""
+    try:
+        return loader(str(name_or_path), **kw)
+    except (OSError, ValueError) as err:
+        raise ValueError(
+            f"could not load the {role} `{name_or_path}`: it is neither a local model folder nor a "
+            f"Hub id that resolved ({type(err).__name__}: {str(err).splitlines()[0]})"
+        ) from err
+
+
+class MllmPreTrainedModel(PreTrainedModel):
+    config: MllmConfig
+    config_class = MllmConfig
+    base_model_prefix = ""
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _no_split_modules: list[str] = []
+
+
+class MllmForConditionalGeneration(MllmPreTrainedModel, GenerationMixin):
+    """A LLaVA/BLIP-2-style model: ``vision_tower`` -> ``connector`` -> ``language_model``."""
+
+    def __init__(self, config: MllmConfig) -> None:
+        super().__init__(config)
+        self.vision_tower = build_vision_tower(config.vision_config)
+        self.connector = build_connector(config)
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.post_init()
+
+    # -- building ---------------------------------------------------------------------------
+    @classmethod
+    def from_components(
+        cls,
+        vision: str | os.PathLike,
+        llm: str | os.PathLike,
+        connector: str = "mlp",
+        image_token: str = "<image>",
+        dtype: torch.dtype | None = None,
+        attn_implementation: str | None = None,
+        **config_kwargs,
+    ) -> MllmForConditionalGeneration:
+        """Compose pretrained components (Hub ids or local folders, same code for both).
+
+        ``config_kwargs`` are `MllmConfig` fields (``connector_depth``, ``vision_feature_layer``, ...).
+        The connector is freshly initialised; the image token is added to the LLM's vocabulary.
+        """
+        vision_config = load_config_or_explain("vision tower", vision, vision_config_from)
+        text_config = load_config_or_explain("LLM", llm)
+        tokenizer = load_config_or_explain("LLM tokenizer", llm, AutoTokenizer.from_pretrained)
+        image_token_id = ensure_image_token(tokenizer, image_token)
+        config = MllmConfig(
+            vision_config=vision_config,
+            text_config=text_config,
+            connector_type=connector,
+            image_token=image_token,
+            image_token_id=image_token_id,
+            **config_kwargs,
+        )
+        load_kw = {"dtype": dtype} if dtype is not None else {}
+        if attn_implementation is not None:
+            load_kw["attn_implementation"] = attn_implementation
+        with torch.device("meta"):
+            model = cls(config)
+        tower_cls = MODEL_MAPPING[type(vision_config)]
+        model.vision_tower = tower_cls.from_pretrained(str(vision), config=vision_config, **load_kw)
+        model.language_model = AutoModelForCausalLM.from_pretrained(str(llm), **load_kw)
+        model.connector = build_connector(config).to(dtype or torch.float32)
+        if len(tokenizer) > model.language_model.get_input_embeddings().num_embeddings:
+            model.language_model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        model.config.text_config = model.language_model.config
+        model.config.vision_config = model.vision_tower.config
+        model.generation_config = copy.deepcopy(model.language_model.generation_config)
+        if model.generation_config.pad_token_id is None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
+        # Image tokens are inputs only: never let generation emit one.
+        model.generation_config.suppress_tokens = [image_token_id]
+        return model
+
+    # -- embeddings -------------------------------------------------------------------------
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.language_model.get_output_embeddings()
+
+    def set_output_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_output_embeddings(value)
+
+    def get_decoder(self) -> nn.Module:
+        return self.language_model.get_decoder()
+
+    # -- forward ----------------------------------------------------------------------------
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[N_img, 3, H, W] -> [N_img, num_image_tokens, D_llm]."""
+        drop_cls = self.config.vision_has_cls and self.config.vision_feature_select_strategy == "default"
+        tower_dtype = next(self.vision_tower.parameters()).dtype
+        features = select_features(
+            self.vision_tower, pixel_values.to(tower_dtype), self.config.vision_feature_layer, drop_cls
+        )  # [N_img, T_vis, D_vis]
+        connector_dtype = next(self.connector.parameters()).dtype
+        return self.connector(features.to(connector_dtype))  # [N_img, T_img, D_llm]
+
+    def merge_image_features(
+        self,
+        input_ids: torch.Tensor,  # [B, T]
+        inputs_embeds: torch.Tensor,  # [B, T, D_llm]
+        image_features: torch.Tensor,  # [N_img, T_img, D_llm]
+    ) -> torch.Tensor:
+        """Write image features into the embedding rows of the image-token positions, in order."""
+        image_mask = input_ids == self.config.image_token_id  # [B, T]
+        n_slots = int(image_mask.sum())
+        n_features = image_features.shape[0] * image_features.shape[1]
+        if n_slots != n_features:
+            raise ValueError(
+                f"the input holds {n_slots} image-token positions but {image_features.shape[0]} image(s) give "
+                f"{n_features} features ({image_features.shape[1]} per image): each image needs exactly one run "
+                f"of {self.config.num_image_tokens} image tokens; build inputs with MllmProcessor and never "
+                "truncate inside an image run."
+            )
+        features = image_features.reshape(-1, image_features.shape[-1]).to(inputs_embeds.dtype)
+        mask = image_mask.unsqueeze(-1).expand_as(inputs_embeds)  # [B, T, D_llm]
+        return inputs_embeds.masked_scatter(mask, features)
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.FloatTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        image_features: torch.FloatTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """``image_features`` ([N_img, T_vis, D_vis], precomputed vision features) may replace ``pixel_values``."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds.")
+        if inputs_embeds is None:
+            image_slots = input_ids == self.config.image_token_id
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+            if image_features is not None:
+                projected = self.connector(image_features.to(next(self.connector.parameters()).dtype))
+            elif pixel_values is not None:
+                projected = self.get_image_features(pixel_values)
+            else:
+                projected = None
+            if projected is not None:
+                inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, projected)
+            elif bool(image_slots.any()) and (past_key_values is None or _cache_len(past_key_values) == 0):
+                raise ValueError(
+                    f"the input holds {int(image_slots.sum())} image-token positions but no pixel_values were given."
+                )
+        return self.language_model(
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            labels=labels,
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+            **kwargs,
+        )
+
+
+def _cache_len(past_key_values) -> int:
+    get = getattr(past_key_values, "get_seq_length", None)
+    return int(get()) if get is not None else 0
