@@ -103,7 +103,8 @@ def test_cmyk_jpeg(tmp_path):
 def test_16_bit_grey_is_scaled_not_clipped(tmp_path):
     path = tmp_path / "deep.png"
     Image.fromarray(np.array([[0, 65535, 32896]], dtype=np.uint16)).save(path)
-    assert Image.open(path).mode.startswith("I")
+    with Image.open(path) as raw:
+        assert raw.mode.startswith("I")
     out = np.asarray(_load(str(path)))[0, :, 0]
     np.testing.assert_array_equal(out, [0, 255, 128])
 
