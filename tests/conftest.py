@@ -1,0 +1,15 @@
+"""Shared pytest fixtures: tiny offline components, built once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from scripts.build_tiny_components import build_tiny_components
+
+
+@pytest.fixture(scope="session")
+def tiny_components(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """name -> folder of the tiny clip-vision, siglip-vision, llama, qwen2 and gpt2 components."""
+    return build_tiny_components(tmp_path_factory.mktemp("tiny-components"))
