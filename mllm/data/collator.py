@@ -1,0 +1,105 @@
+"""Batch samples of `SupervisedDataset`: pad them (`MllmCollator`) or pack them into one row
+(`PackingCollator`).
+
+Packing relies on transformers' packed-sequence support (``masking_utils.create_causal_mask`` ->
+``find_packed_sequence_indices``): with ``position_ids`` that restart at 0 for each sample and
+*no* ``attention_mask``, sdpa / eager / flex build a block-diagonal causal mask, and
+flash-attention turns the same ``position_ids`` into ``cu_seqlens``. transformers only does this
+when no KV cache is passed, so the packed batch carries ``use_cache=False``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from mllm.data.templates import IGNORE_INDEX
+
+__all__ = ["MllmCollator", "PackingCollator"]
+
+
+def _skipped(samples: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
+    return [pair for s in samples for pair in s.get("skipped", ())]
+
+
+def _pixel_values(samples: Sequence[dict[str, Any]]) -> torch.Tensor | None:
+    """[N_img total, 3, H, W]: every sample's images, in batch order (= placeholder order)."""
+    parts = [
+        s["pixel_values"] for s in samples if s.get("pixel_values") is not None and len(s["pixel_values"])
+    ]
+    return torch.cat(parts) if parts else None
+
+
+class MllmCollator:
+    """Pad ``input_ids`` with ``pad_token_id`` and ``labels`` with -100; mask the padding.
+
+    Output: ``input_ids``/``attention_mask``/``labels`` [B, T], ``pixel_values`` when any sample has
+    images, and ``skipped`` (the ``(reason, record_id)`` pairs of the samples; pop it before forward).
+    """
+
+    def __init__(self, pad_token_id: int, padding_side: str = "right", pad_to_multiple_of: int | None = None):
+        if padding_side not in ("right", "left"):
+            raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}.")
+        self.pad_token_id = pad_token_id  # the tokenizer's pad id (MllmProcessor sets pad = eos if missing)
+        self.padding_side = padding_side
+        self.pad_to_multiple_of = pad_to_multiple_of  # round T up, e.g. 8 for tensor cores
+
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        longest = max(len(s["input_ids"]) for s in samples)
+        if self.pad_to_multiple_of:
+            longest = -(-longest // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch = len(samples)
+        input_ids = torch.full((batch, longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((batch, longest), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((batch, longest), dtype=torch.long)
+        for row, sample in enumerate(samples):
+            n = len(sample["input_ids"])
+            cols = slice(0, n) if self.padding_side == "right" else slice(longest - n, longest)
+            input_ids[row, cols] = sample["input_ids"]
+            labels[row, cols] = sample["labels"]
+            attention_mask[row, cols] = 1
+        out: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        pixel_values = _pixel_values(samples)
+        if pixel_values is not None:
+            out["pixel_values"] = pixel_values
+        out["skipped"] = _skipped(samples)
+        return out
+
+
+class PackingCollator:
+    """Concatenate all samples into one row ``[1, sum T]`` with per-sample ``position_ids``.
+
+    The model shifts labels by one inside the loss, so the logit at sample k's last token would be
+    trained to predict sample k+1's first token; that label is set to -100, which makes the packed
+    loss equal, token by token, to the unpacked one. No ``attention_mask`` is returned (see the
+    module docstring); ``use_cache=False`` is part of the batch.
+    """
+
+    def __init__(self, max_length: int | None = None):
+        self.max_length = max_length  # refuse rows longer than this (None: no check)
+
+    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        ids, labels, positions = [], [], []
+        for sample in samples:
+            n = len(sample["input_ids"])
+            sample_labels = sample["labels"].clone()
+            sample_labels[0] = IGNORE_INDEX  # never predicted from the previous sample
+            ids.append(sample["input_ids"])
+            labels.append(sample_labels)
+            positions.append(torch.arange(n, dtype=torch.long))
+        total = sum(len(x) for x in ids)
+        if self.max_length is not None and total > self.max_length:
+            raise ValueError(f"packed row of {total} tokens exceeds max_length={self.max_length}.")
+        out: dict[str, Any] = {
+            "input_ids": torch.cat(ids)[None],  # [1, sum T]
+            "labels": torch.cat(labels)[None],  # [1, sum T]
+            "position_ids": torch.cat(positions)[None],  # [1, sum T], 0.. per sample
+            "use_cache": False,
+        }
+        pixel_values = _pixel_values(samples)
+        if pixel_values is not None:
+            out["pixel_values"] = pixel_values
+        out["skipped"] = _skipped(samples)
+        return out

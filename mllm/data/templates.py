@@ -1,0 +1,288 @@
+"""Chat templates: render turns into one prompt string and mark which tokens the loss supervises.
+
+A template returns the rendered text plus the *character* spans of every assistant message (and
+the end-of-turn token that closes it). The whole text is tokenised once and a token is supervised
+when its offsets overlap a span, so the mask always matches the tokens that the model sees.
+LLaVA's ``preprocess_v1`` instead tokenises each round again and trusts that lengths add up
+(https://github.com/haotian-liu/LLaVA, ``llava/train/train.py``), which breaks silently when a
+tokeniser merges across round boundaries.
+
+Names (exact): ``plain`` (stage 1, LLaVA ``preprocess_plain``), ``vicuna_v1`` (LLaVA-1.5
+``conv_vicuna_v1``), ``llama3``, ``qwen2`` and its alias ``chatml``, and ``auto`` (``None``
+means the same): the tokenizer's own ``chat_template``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from mllm.data.formats import IMAGE_PLACEHOLDER, Turn
+from mllm.registry import Registry
+
+__all__ = [
+    "IGNORE_INDEX",
+    "TEMPLATES",
+    "RenderedChat",
+    "Template",
+    "get_template",
+    "render",
+    "render_and_mask",
+    "render_and_mask_batch",
+    "show_supervision",
+]
+
+IGNORE_INDEX = -100  # label of every token the loss ignores
+
+VICUNA_SYSTEM = (
+    "A chat between a curious human and an artificial intelligence assistant. "
+    "The assistant gives helpful, detailed, and polite answers to the human's questions."
+)
+QWEN2_SYSTEM = "You are a helpful assistant."  # Qwen2's chat template adds it when no system turn is given
+
+
+@dataclass(frozen=True)
+class RenderedChat:
+    """The prompt text and the half-open character spans ``[start, end)`` the loss supervises."""
+
+    text: str
+    spans: tuple[tuple[int, int], ...]
+
+
+class Template(Protocol):
+    def __call__(self, turns: Sequence[Turn], tokenizer: PreTrainedTokenizerBase) -> RenderedChat: ...
+
+
+TEMPLATES: Registry[Template] = Registry("template")
+
+
+class _Builder:
+    """Appends pieces to a string, remembering the spans of the supervised ones."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.length = 0
+        self.spans: list[tuple[int, int]] = []
+
+    def add(self, text: str, supervised: bool = False) -> None:
+        if supervised and text:
+            self.spans.append((self.length, self.length + len(text)))
+        self.parts.append(text)
+        self.length += len(text)
+
+    def build(self) -> RenderedChat:
+        return RenderedChat("".join(self.parts), tuple(self.spans))
+
+
+def _bos(tokenizer: PreTrainedTokenizerBase) -> str:
+    return tokenizer.bos_token or ""
+
+
+def _eos(tokenizer: PreTrainedTokenizerBase) -> str:
+    if tokenizer.eos_token is None:
+        raise ValueError("this template ends assistant turns with EOS, but the tokenizer has no eos_token.")
+    return tokenizer.eos_token
+
+
+def _end_of_turn(tokenizer: PreTrainedTokenizerBase, marker: str) -> str:
+    """``marker`` when the tokenizer knows it as one token, else EOS: generation must be able to stop on
+    the supervised end-of-turn token, and a marker split into pieces would merge with the next text."""
+    ids = tokenizer.convert_tokens_to_ids([marker])
+    if ids and ids[0] is not None and ids[0] != tokenizer.unk_token_id:
+        return marker
+    return _eos(tokenizer)
+
+
+@TEMPLATES.register("plain")
+def plain(turns: Sequence[Turn], tokenizer: PreTrainedTokenizerBase) -> RenderedChat:
+    """Stage 1 (LLaVA ``preprocess_plain``): the user turn becomes its image placeholders only; the
+    assistant turn (the caption) follows directly and ends with EOS. System turns are dropped."""
+    out = _Builder()
+    out.add(_bos(tokenizer))
+    for turn in turns:
+        if turn.role == "user":
+            out.add(IMAGE_PLACEHOLDER * turn.content.count(IMAGE_PLACEHOLDER))
+        elif turn.role == "assistant":
+            out.add(turn.content + _eos(tokenizer), supervised=True)
+    return out.build()
+
+
+@TEMPLATES.register("vicuna_v1")
+def vicuna_v1(turns: Sequence[Turn], tokenizer: PreTrainedTokenizerBase) -> RenderedChat:
+    """LLaVA-1.5 ``conv_vicuna_v1`` (SeparatorStyle.TWO):
+    ``<s>SYSTEM USER: q ASSISTANT: a</s>USER: ...``; a system turn replaces the default prompt."""
+    system = " ".join(t.content for t in turns if t.role == "system") or VICUNA_SYSTEM
+    out = _Builder()
+    out.add(_bos(tokenizer) + system + " ")
+    for turn in turns:
+        if turn.role == "user":
+            out.add(f"USER: {turn.content} ASSISTANT: ")
+        elif turn.role == "assistant":
+            out.add(turn.content + _eos(tokenizer), supervised=True)
+    return out.build()
+
+
+@TEMPLATES.register("llama3")
+def llama3(turns: Sequence[Turn], tokenizer: PreTrainedTokenizerBase) -> RenderedChat:
+    """Llama-3 instruct: ``<|begin_of_text|><|start_header_id|>ROLE<|end_header_id|>\\n\\nTEXT<|eot_id|>``.
+
+    With a tokenizer that lacks ``<|eot_id|>`` as a token, its EOS ends the turns instead."""
+    eot = _end_of_turn(tokenizer, "<|eot_id|>")
+    out = _Builder()
+    out.add(tokenizer.bos_token or "<|begin_of_text|>")
+    for turn in turns:
+        out.add(f"<|start_header_id|>{turn.role}<|end_header_id|>\n\n")
+        out.add(turn.content + eot, supervised=turn.role == "assistant")
+    return out.build()
+
+
+def chatml(turns: Sequence[Turn], tokenizer: PreTrainedTokenizerBase) -> RenderedChat:
+    """Qwen2 / ChatML: ``<|im_start|>ROLE\\nTEXT<|im_end|>\\n``, with Qwen2's default system prompt.
+
+    The ``\\n`` after ``<|im_end|>`` is not supervised (the model stops at ``<|im_end|>``). With a
+    tokenizer that lacks ``<|im_end|>`` as a token, its EOS ends the turns instead."""
+    end = _end_of_turn(tokenizer, "<|im_end|>")
+    out = _Builder()
+    if not turns or turns[0].role != "system":
+        out.add(f"<|im_start|>system\n{QWEN2_SYSTEM}<|im_end|>\n")
+    for turn in turns:
+        out.add(f"<|im_start|>{turn.role}\n")
+        out.add(turn.content + end, supervised=turn.role == "assistant")
+        out.add("\n")
+    return out.build()
+
+
+TEMPLATES.add("qwen2", chatml)
+TEMPLATES.add("chatml", chatml)
+
+
+@TEMPLATES.register("auto")
+def auto(turns: Sequence[Turn], tokenizer: PreTrainedTokenizerBase) -> RenderedChat:
+    """The tokenizer's own ``chat_template``; assistant messages are located in the rendered text.
+
+    Each assistant span starts where the conversation rendered up to the previous turn with
+    ``add_generation_prompt=True`` ends (when that render is a prefix of the full one), else after
+    the previous turn's content; it covers the message and a special token right after it (EOS,
+    ``<|eot_id|>``, ``<|im_end|>``, ...).
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            "the tokenizer has no chat_template, so template=None/'auto' cannot render the chat; pass "
+            f"a named template, one of: {', '.join(n for n in TEMPLATES.names() if n != 'auto')}."
+        )
+    messages = [{"role": t.role, "content": t.content} for t in turns]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    specials = sorted(
+        {tok for tok in tokenizer.all_special_tokens if tok and tok != IMAGE_PLACEHOLDER},
+        key=len,
+        reverse=True,
+    )
+    spans: list[tuple[int, int]] = []
+    cursor = 0
+    for i, turn in enumerate(turns):
+        if turn.role == "assistant":
+            prefix = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+            if text.startswith(prefix):
+                cursor = max(cursor, len(prefix))
+        content = turn.content if turn.content in text[cursor:] else turn.content.strip()
+        start = text.find(content, cursor)
+        if start < 0:
+            raise ValueError(
+                f"the tokenizer's chat template changed the text of turn {i} ({turn.role}), so its span cannot "
+                "be found in the rendered prompt; use a named template."
+            )
+        end = start + len(content)
+        if turn.role == "assistant":
+            end += next((len(s) for s in specials if text.startswith(s, end)), 0)
+            spans.append((start, end))
+        cursor = end
+    return RenderedChat(text, tuple(spans))
+
+
+def get_template(name: str | None) -> Template:
+    """The template registered as ``name``; ``None`` means ``auto``. Unknown names raise ValueError."""
+    return TEMPLATES.get("auto" if name is None else name)
+
+
+def render(turns: Sequence[Turn], tokenizer: PreTrainedTokenizerBase, template: str | None) -> RenderedChat:
+    """Render ``turns`` with ``template`` (see the module docstring for the names)."""
+    return get_template(template)(turns, tokenizer)
+
+
+def _mask(
+    rendered: RenderedChat, ids: list[int], offsets: Sequence[tuple[int, int]], image_token_id: int | None
+) -> list[int]:
+    """Labels: the token id where the token's characters overlap a supervised span, else -100."""
+    labels = [IGNORE_INDEX] * len(ids)
+    spans = rendered.spans
+    k = 0
+    for i, (start, end) in enumerate(offsets):
+        while k < len(spans) and spans[k][1] <= start:
+            k += 1
+        if k == len(spans):
+            break
+        if end > spans[k][0] and start < spans[k][1] and end > start and ids[i] != image_token_id:
+            labels[i] = ids[i]
+    return labels
+
+
+def _image_token_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    ids = tokenizer.convert_tokens_to_ids([IMAGE_PLACEHOLDER])
+    return ids[0] if ids and ids[0] != tokenizer.unk_token_id else None
+
+
+def render_and_mask_batch(
+    conversations: Sequence[Sequence[Turn]], tokenizer: PreTrainedTokenizerBase, template: str | None
+) -> list[tuple[list[int], list[int]]]:
+    """``render_and_mask`` for many conversations, tokenised in one batched (parallel) call."""
+    fn = get_template(template)
+    rendered = [fn(turns, tokenizer) for turns in conversations]
+    if not rendered:
+        return []
+    if not getattr(tokenizer, "is_fast", False):
+        raise ValueError("render_and_mask needs a fast tokenizer (it reads the offset mapping).")
+    enc = tokenizer(
+        [r.text for r in rendered], add_special_tokens=False, return_offsets_mapping=True, verbose=False
+    )
+    image_id = _image_token_id(tokenizer)
+    return [
+        (list(ids), _mask(r, ids, offsets, image_id))
+        for r, ids, offsets in zip(rendered, enc["input_ids"], enc["offset_mapping"])
+    ]
+
+
+def render_and_mask(
+    turns: Sequence[Turn], tokenizer: PreTrainedTokenizerBase, template: str | None
+) -> tuple[list[int], list[int]]:
+    """Return ``(input_ids, labels)``: labels are -100 except on assistant tokens and the end-of-turn
+    token closing each assistant turn. Each ``<image>`` stays one token (always -100); expanding it to
+    the model's image-token count is the dataset's job."""
+    return render_and_mask_batch([turns], tokenizer, template)[0]
+
+
+def show_supervision(
+    turns: Sequence[Turn], tokenizer: PreTrainedTokenizerBase, template: str | None, marks: str = "[[]]"
+) -> str:
+    """The rendered prompt with every run of supervised tokens wrapped in ``marks`` (for debugging)."""
+    rendered = render(turns, tokenizer, template)
+    enc = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
+    labels = _mask(rendered, enc["input_ids"], enc["offset_mapping"], _image_token_id(tokenizer))
+    half = len(marks) // 2
+    open_mark, close_mark = marks[:half], marks[half:]
+    out: list[str] = []
+    pos = 0
+    inside = False
+    for (start, end), label in zip(enc["offset_mapping"], labels):
+        supervised = label != IGNORE_INDEX
+        if supervised != inside:
+            gap = rendered.text[pos:start]
+            out.append(gap + open_mark if supervised else close_mark + gap)
+            pos = start
+            inside = supervised
+        out.append(rendered.text[pos:end])
+        pos = end
+    out.append(rendered.text[pos:] if not inside else close_mark + rendered.text[pos:])
+    return "".join(out)
