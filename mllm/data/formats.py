@@ -173,16 +173,21 @@ def _read_hf_folder(folder: Path) -> list[tuple[dict[str, Any], str]]:
 
 
 def normalize_record(
-    raw: dict[str, Any], source: str, image_folder: str | os.PathLike[str] | None = None
+    raw: dict[str, Any],
+    source: str,
+    image_folder: str | os.PathLike[str] | None = None,
+    *,
+    check_root: bool = True,
 ) -> Record:
     """Turn one raw LLaVA or ``messages`` record into a :class:`Record`.
 
     Relative image paths are joined to ``image_folder`` and must stay inside it (else
-    ``path_escapes_root``); without ``image_folder`` they are resolved against the current
-    directory. Raises ``BadRecordError("bad_schema")`` naming the offending key.
+    ``path_escapes_root``; ``check_root=False`` skips that check, for format converters);
+    without ``image_folder`` they are resolved against the current directory.
+    Raises ``BadRecordError("bad_schema")`` naming the offending key.
     """
     root = os.path.abspath(image_folder) if image_folder is not None else None
-    return _normalize(raw, source, root=root, base_dir=os.getcwd())
+    return _normalize(raw, source, root=root if check_root else None, base_dir=root or os.getcwd())
 
 
 def _normalize(raw: Any, source: str, *, root: str | None, base_dir: str) -> Record:
