@@ -105,6 +105,19 @@ class MllmForConditionalGeneration(MllmPreTrainedModel, GenerationMixin):
         model.generation_config.suppress_tokens = [image_token_id]
         return model
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        """Plain `from_pretrained`, except that an `mllm train` output dir holding trained.safetensors
+        (+ a LoRA adapter) is rebuilt by `mllm.models.loading.load_model_and_processor` with LoRA merged."""
+        from mllm.models.loading import is_adapter_output_dir, load_model_and_processor
+
+        if not kwargs.pop("_mllm_plain", False) and is_adapter_output_dir(pretrained_model_name_or_path):
+            dtype = kwargs.get("dtype")
+            return load_model_and_processor(
+                pretrained_model_name_or_path, dtype=None if dtype == "auto" else dtype, merge_lora=True
+            )[0]
+        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+
     # -- embeddings -------------------------------------------------------------------------
     def get_input_embeddings(self) -> nn.Module:
         return self.language_model.get_input_embeddings()
