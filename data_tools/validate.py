@@ -23,6 +23,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -159,8 +160,9 @@ def load_processor(
     return MllmProcessor.from_components(vision, llm, num_image_tokens=config.num_image_tokens)
 
 
-def print_report(report: ValidationReport, data_path: str, out=sys.stdout) -> None:
+def print_report(report: ValidationReport, data_path: str, out: TextIO | None = None) -> None:
     """Problems one per line, counts by reason, length distribution, then the one-line summary."""
+    out = out if out is not None else sys.stdout
     for p in report.problems:
         print(f"{p.reason:22s} {p.record_id!s:>12s}  {p.source}  {p.detail}", file=out)
     if report.problems:

@@ -12,7 +12,9 @@ from mllm.models.processing_mllm import MllmProcessor
 NUM_IMAGE_TOKENS = 16  # the tiny clip tower: (32 / 8)^2 patches, CLS dropped
 
 
-def make_processor(components: dict[str, Path], llm: str, num_image_tokens: int = NUM_IMAGE_TOKENS) -> MllmProcessor:
+def make_processor(
+    components: dict[str, Path], llm: str, num_image_tokens: int = NUM_IMAGE_TOKENS
+) -> MllmProcessor:
     return MllmProcessor.from_components(
         str(components["clip-vision"]), str(components[llm]), num_image_tokens=num_image_tokens
     )

@@ -112,7 +112,9 @@ def test_bad_image_is_replaced_by_next_and_reported(processor, tmp_path):
     assert item["id"] == "r3"
     assert item["skipped"] == [("unreadable_image", "r1"), ("missing_image", "r2")]
     # In DataLoader workers: the worker survives and the skips reach the main process.
-    loader = DataLoader(ds, batch_size=2, num_workers=1, collate_fn=MllmCollator(processor.tokenizer.pad_token_id))
+    loader = DataLoader(
+        ds, batch_size=2, num_workers=1, collate_fn=MllmCollator(processor.tokenizer.pad_token_id)
+    )
     report = SkipReport(ds.skipped)
     ids_seen = 0
     for batch in loader:

@@ -34,7 +34,9 @@ def test_packed_equals_padded(tiny_components, llm, attn):
     records = [
         record("a", ("<image>\nWhat color is the circle?", "red"), images=(image((255, 0, 0)),)),
         record("b", ("How many squares are there?", "two squares"), ("and circles?", "one")),
-        record("c", ("<image>\nDescribe the image.", "a blue circle at the top"), images=(image((0, 0, 255)),)),
+        record(
+            "c", ("<image>\nDescribe the image.", "a blue circle at the top"), images=(image((0, 0, 255)),)
+        ),
     ]
     items = [SupervisedDataset(records, proc, None, 512)[i] for i in range(3)]
     padded = MllmCollator(proc.tokenizer.pad_token_id)(items)

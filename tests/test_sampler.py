@@ -54,7 +54,9 @@ def test_batches_are_one_modality(data, world_size):
 
 def test_less_padding_than_random(data):
     lengths, modality = data
-    grouped = _padding(lengths, _batches(list(ModalityLengthGroupedSampler(lengths, modality, BATCH, seed=0))))
+    grouped = _padding(
+        lengths, _batches(list(ModalityLengthGroupedSampler(lengths, modality, BATCH, seed=0)))
+    )
     shuffled = list(range(len(lengths)))
     random.Random(0).shuffle(shuffled)
     assert grouped < 0.5 * _padding(lengths, _batches(shuffled))

@@ -93,7 +93,10 @@ def test_mask_follows_the_text_not_piecewise_lengths(tokenizers):
     tokenizer = tokenizers["llama"]
     turns = (Turn("user", "<image>colour?"), Turn("assistant", "red and blue"))
     ids, labels = render_and_mask(turns, tokenizer, "plain")
-    assert tokenizer.decode([i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX]) == "red and blue<|eot_id|>"
+    assert (
+        tokenizer.decode([i for i, lab in zip(ids, labels) if lab != IGNORE_INDEX])
+        == "red and blue<|eot_id|>"
+    )
     assert render(turns, tokenizer, "plain").text == "<|begin_of_text|><image>red and blue<|eot_id|>"
 
 
