@@ -25,7 +25,17 @@ from tqdm import tqdm
 from data_tools.cot import format_cot
 from mllm.data.formats import save_json, save_jsonl
 
-__all__ = ["CAPTION_PROMPTS", "COLORS", "POSITIONS", "SHAPES", "Scene", "Shape", "generate_dataset", "main"]
+__all__ = [
+    "CAPTION_PROMPTS",
+    "COLORS",
+    "POSITIONS",
+    "SHAPES",
+    "Scene",
+    "Shape",
+    "generate_dataset",
+    "main",
+    "render",
+]
 
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
