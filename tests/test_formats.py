@@ -236,6 +236,8 @@ def test_load_records_defaults_to_data_folder_and_can_check_images(tmp_path):
         ("bad.json", '[{"id": 1}, ', "bad.json"),
         ("bad.jsonl", '{"id": 1}\n{oops\n', "bad.jsonl:2"),
         ("obj.json", '{"id": 1}', "obj.json"),
+        ("bad.parquet", "not parquet", "bad.parquet"),
+        ("data.csv", "a,b", "data.csv"),
     ],
 )
 def test_malformed_file_error_names_file(tmp_path, name, text, where):
