@@ -1,0 +1,198 @@
+"""`mllm eval` on a saved tiny model: files written, metrics consistent with predictions, blank images."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from transformers import AutoConfig
+
+import mllm.evaluation.runner as runner
+from mllm.config import TuningArguments
+from mllm.evaluation import evaluate, vqa_accuracy
+from mllm.evaluation.runner import load_vqa_samples, main, majority_baseline
+from mllm.models import MllmProcessor
+from mllm.models.adapters import apply_tuning
+from mllm.models.loading import build_model
+from mllm.training.checkpoint import make_run_record, save_output_dir
+
+
+@pytest.fixture(scope="module")
+def saved_model(tiny_components: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny LoRA run saved as `mllm train` saves it (trained.safetensors + adapter + mllm_run.json)."""
+    vision, llm = str(tiny_components["clip-vision"]), str(tiny_components["llama"])
+    tuning = TuningArguments(tune_llm="lora", lora_r=4, lora_alpha=8)
+    torch.manual_seed(0)
+    model = apply_tuning(build_model(vision, llm, connector="mlp"), tuning)
+    processor = MllmProcessor.from_components(vision, llm, model.config.num_image_tokens)
+    record = make_run_record(
+        vision_tower=vision,
+        model_name_or_path=llm,
+        tuning=dataclasses.asdict(tuning),
+        base_vocab_size=AutoConfig.from_pretrained(llm).vocab_size,
+    )
+    return save_output_dir(
+        model, tmp_path_factory.mktemp("tiny-lora-run"), processor=processor, run_record=record
+    )
+
+
+@pytest.fixture(scope="module")
+def vqa_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic shapes dataset (data_tools.synth), whose vqa_val.jsonl is the main job's eval file."""
+    from data_tools.synth import generate_dataset
+
+    out = tmp_path_factory.mktemp("synth")
+    generate_dataset(out, num_scenes=40, seed=0, image_size=32, val_fraction=0.2, test_fraction=0.2)
+    return out
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_evaluate_writes_predictions_and_consistent_metrics(
+    saved_model: Path, vqa_dir: Path, tmp_path: Path
+) -> None:
+    data = vqa_dir / "vqa_val.jsonl"
+    metrics = evaluate(
+        str(saved_model), "vqa", str(data), output=str(tmp_path), batch_size=4, max_new_tokens=4
+    )
+    rows = _read_jsonl(tmp_path / "predictions.jsonl")
+    expected_n = len(data.read_text().splitlines())
+    assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
+    assert metrics["num_samples"] == expected_n == len(rows)
+    assert set(metrics) == {"exact_match", "vqa_accuracy", "num_samples", "majority_baseline"}
+    assert set(rows[0]) >= {"question_id", "question", "prediction", "answers"}
+    recomputed = sum(vqa_accuracy(r["prediction"], r["answers"]) for r in rows) / len(rows)
+    assert metrics["vqa_accuracy"] == pytest.approx(recomputed)
+    assert 0.0 < metrics["majority_baseline"] < 1.0
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporary file
+
+
+def test_blank_images_are_grey_and_same_size(
+    saved_model: Path, vqa_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: list[tuple[tuple[int, int], set]] = []
+    import mllm.inference.generate as generate
+
+    real = generate.generate_answers
+
+    def spy(model, processor, prompts, images, **kw):
+        seen.extend((im.size, set(im.getdata())) for group in images for im in group)
+        return real(model, processor, prompts, images, **kw)
+
+    monkeypatch.setattr(generate, "generate_answers", spy)
+    evaluate(
+        str(saved_model),
+        "vqa",
+        str(vqa_dir / "vqa_val.jsonl"),
+        output=str(tmp_path),
+        limit=3,
+        blank_images=True,
+    )
+    assert len(seen) == 3
+    assert all(size == (32, 32) and colors == {(128, 128, 128)} for size, colors in seen)
+
+
+def test_prompt_carries_image_question_and_instruction(
+    saved_model: Path, vqa_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prompts: list[str] = []
+    import mllm.inference.generate as generate
+
+    monkeypatch.setattr(
+        generate,
+        "generate_answers",
+        lambda m, p, texts, images, **kw: prompts.extend(texts) or [""] * len(texts),
+    )
+    first = load_vqa_samples(vqa_dir / "vqa_val.jsonl", limit=1)[0]
+    evaluate(str(saved_model), "vqa", str(vqa_dir / "vqa_val.jsonl"), output=str(tmp_path), limit=2)
+    assert len(prompts) == 2
+    assert f"<image>\n{first.question}\nAnswer the question using a single word or phrase." in prompts[0]
+    assert prompts[0].endswith(
+        "<|start_header_id|>assistant<|end_header_id|>\n\n"
+    )  # the tokenizer's template
+    prompts.clear()
+    evaluate(
+        str(saved_model), "vqa", str(vqa_dir / "vqa_val.jsonl"), output=str(tmp_path), limit=1,
+        template="vicuna_v1", instruction="",
+    )  # fmt: skip
+    assert prompts[0].endswith(f"USER: <image>\n{first.question} ASSISTANT:")
+
+
+def test_reads_json_variants(tmp_path: Path) -> None:
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    rows = [
+        {"id": 7, "image": "a.png", "question": "q1", "answer": "yes"},
+        {
+            "question_id": "x",
+            "image": "a.png",
+            "question": "q2",
+            "answers": [{"answer": "2", "answer_id": 1}],
+        },
+    ]
+    (tmp_path / "q.json").write_text(json.dumps(rows))
+    samples = load_vqa_samples(tmp_path / "q.json", image_folder=tmp_path)
+    assert [(s.question_id, s.answers) for s in samples] == [("7", ("yes",)), ("x", ("2",))]
+    assert samples[0].image == str(tmp_path / "a.png")
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"id": 1, "question": "q"}) + "\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl#1.*answers"):
+        load_vqa_samples(tmp_path / "bad.jsonl")
+
+
+def test_majority_baseline() -> None:
+    answer, score = majority_baseline([["yes"] * 10, ["Yes"] * 10, ["no"] * 10, ["2"] * 10])
+    assert answer == "yes" and score == pytest.approx(0.5)
+
+
+def test_unknown_task_lists_supported(saved_model: Path, vqa_dir: Path) -> None:
+    with pytest.raises(ValueError, match=r"caption.*vqa"):
+        evaluate(str(saved_model), "caption", str(vqa_dir / "vqa_val.jsonl"))
+    with pytest.raises(SystemExit):
+        main([str(saved_model), "--task", "caption", "--data", "x.jsonl"])
+
+
+def test_cli_main(saved_model: Path, vqa_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    argv = [
+        str(saved_model),
+        "--task",
+        "vqa",
+        "--data",
+        str(vqa_dir / "vqa_val.jsonl"),
+        "--output",
+        str(tmp_path),
+    ]
+    argv += ["--image-folder", str(vqa_dir), "--limit", "2", "--batch-size", "2", "--max-new-tokens", "3"]
+    assert main(argv) == 0
+    assert json.loads((tmp_path / "metrics.json").read_text())["num_samples"] == 2
+    assert '"vqa_accuracy"' in capsys.readouterr().out
+    assert runner.TASKS.names() == ["vqa"]
+
+
+def test_template_defaults_to_the_trained_one(
+    saved_model: Path, vqa_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run recorded with `template: vicuna_v1` is prompted in Vicuna form unless told otherwise."""
+    import shutil
+
+    import mllm.inference.generate as generate
+
+    run = shutil.copytree(saved_model, tmp_path / "run")
+    record = json.loads((run / "mllm_run.json").read_text())
+    record["config"] = {**record.get("config", {}), "template": "vicuna_v1"}
+    (run / "mllm_run.json").write_text(json.dumps(record))
+    prompts: list[str] = []
+    monkeypatch.setattr(
+        generate,
+        "generate_answers",
+        lambda m, p, texts, images, **kw: prompts.extend(texts) or [""] * len(texts),
+    )
+    data = str(vqa_dir / "vqa_val.jsonl")
+    evaluate(str(run), "vqa", data, output=str(tmp_path / "a"), limit=1)
+    evaluate(str(run), "vqa", data, output=str(tmp_path / "b"), limit=1, template="auto")
+    assert prompts[0].endswith("ASSISTANT:")
+    assert prompts[1].endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
