@@ -94,12 +94,14 @@ class SupervisedDataset(Dataset):
     def _add_chunk(self, chunk: Sequence[Record]) -> None:
         tokenizer = self.processor.tokenizer
         try:
-            encoded = render_and_mask_batch([r.turns for r in chunk], tokenizer, self.template)
+            encoded = render_and_mask_batch(
+                [r.turns for r in chunk], tokenizer, self.template, return_numpy=True
+            )
         except ValueError:  # one record the template cannot render: find it, record by record
             encoded = []
             for record in chunk:
                 try:
-                    encoded.append(render_and_mask_batch([record.turns], tokenizer, self.template)[0])
+                    encoded.append(render_and_mask_batch([record.turns], tokenizer, self.template, True)[0])
                 except ValueError as err:
                     encoded.append(BadRecordError("bad_schema", record.id, record.source, str(err)))
         for record, item in zip(chunk, encoded):

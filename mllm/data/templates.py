@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+import numpy as np
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from mllm.data.formats import IMAGE_PLACEHOLDER, Turn
@@ -213,19 +214,20 @@ def render(turns: Sequence[Turn], tokenizer: PreTrainedTokenizerBase, template: 
 
 
 def _mask(
-    rendered: RenderedChat, ids: list[int], offsets: Sequence[tuple[int, int]], image_token_id: int | None
-) -> list[int]:
-    """Labels: the token id where the token's characters overlap a supervised span, else -100."""
-    labels = [IGNORE_INDEX] * len(ids)
-    spans = rendered.spans
-    k = 0
-    for i, (start, end) in enumerate(offsets):
-        while k < len(spans) and spans[k][1] <= start:
-            k += 1
-        if k == len(spans):
-            break
-        if end > spans[k][0] and start < spans[k][1] and end > start and ids[i] != image_token_id:
-            labels[i] = ids[i]
+    rendered: RenderedChat, ids: np.ndarray, offsets: np.ndarray, image_token_id: int | None
+) -> np.ndarray:
+    """Labels: the token id where the token's characters ``[a, b)`` overlap a supervised span, else -100."""
+    labels = np.full(len(ids), IGNORE_INDEX, dtype=np.int64)
+    if not rendered.spans or not len(ids):
+        return labels
+    spans = np.asarray(rendered.spans, dtype=np.int64)  # [S, 2], sorted, disjoint
+    starts, ends = offsets[:, 0], offsets[:, 1]
+    k = np.searchsorted(spans[:, 1], starts, side="right")  # first span ending after the token starts
+    first = spans[np.minimum(k, len(spans) - 1), 0]
+    hit = (k < len(spans)) & (first < ends) & (ends > starts)
+    if image_token_id is not None:
+        hit &= ids != image_token_id
+    labels[hit] = ids[hit]
     return labels
 
 
@@ -234,24 +236,37 @@ def _image_token_id(tokenizer: PreTrainedTokenizerBase) -> int | None:
     return ids[0] if ids and ids[0] != tokenizer.unk_token_id else None
 
 
+def _encode(texts: list[str], tokenizer: PreTrainedTokenizerBase) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(ids [T], offsets [T, 2]) per text, one batched call to the Rust tokenizer (no special tokens added)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ValueError("render_and_mask needs a fast tokenizer (it reads the offset mapping).")
+    return [
+        (np.asarray(e.ids, dtype=np.int64), np.asarray(e.offsets, dtype=np.int64).reshape(-1, 2))
+        for e in backend.encode_batch(texts, add_special_tokens=False)
+    ]
+
+
 def render_and_mask_batch(
-    conversations: Sequence[Sequence[Turn]], tokenizer: PreTrainedTokenizerBase, template: str | None
-) -> list[tuple[list[int], list[int]]]:
-    """``render_and_mask`` for many conversations, tokenised in one batched (parallel) call."""
+    conversations: Sequence[Sequence[Turn]],
+    tokenizer: PreTrainedTokenizerBase,
+    template: str | None,
+    return_numpy: bool = False,
+) -> list[tuple[list[int], list[int]]] | list[tuple[np.ndarray, np.ndarray]]:
+    """``render_and_mask`` for many conversations, tokenised in one batched (parallel) call;
+    ``return_numpy`` gives int64 arrays instead of lists."""
     fn = get_template(template)
     rendered = [fn(turns, tokenizer) for turns in conversations]
     if not rendered:
         return []
-    if not getattr(tokenizer, "is_fast", False):
-        raise ValueError("render_and_mask needs a fast tokenizer (it reads the offset mapping).")
-    enc = tokenizer(
-        [r.text for r in rendered], add_special_tokens=False, return_offsets_mapping=True, verbose=False
-    )
     image_id = _image_token_id(tokenizer)
-    return [
-        (list(ids), _mask(r, ids, offsets, image_id))
-        for r, ids, offsets in zip(rendered, enc["input_ids"], enc["offset_mapping"])
+    out = [
+        (ids, _mask(r, ids, offsets, image_id))
+        for r, (ids, offsets) in zip(rendered, _encode([r.text for r in rendered], tokenizer))
     ]
+    if return_numpy:
+        return out
+    return [(ids.tolist(), labels.tolist()) for ids, labels in out]
 
 
 def render_and_mask(
@@ -268,14 +283,14 @@ def show_supervision(
 ) -> str:
     """The rendered prompt with every run of supervised tokens wrapped in ``marks`` (for debugging)."""
     rendered = render(turns, tokenizer, template)
-    enc = tokenizer(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
-    labels = _mask(rendered, enc["input_ids"], enc["offset_mapping"], _image_token_id(tokenizer))
+    ids, offsets = _encode([rendered.text], tokenizer)[0]
+    labels = _mask(rendered, ids, offsets, _image_token_id(tokenizer))
     half = len(marks) // 2
     open_mark, close_mark = marks[:half], marks[half:]
     out: list[str] = []
     pos = 0
     inside = False
-    for (start, end), label in zip(enc["offset_mapping"], labels):
+    for (start, end), label in zip(offsets.tolist(), labels.tolist()):
         supervised = label != IGNORE_INDEX
         if supervised != inside:
             gap = rendered.text[pos:start]
