@@ -17,6 +17,7 @@ import copy
 import json
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator, Mapping
 from pathlib import Path
@@ -122,6 +123,16 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
         os.replace(staging, final)
 
 
+@contextlib.contextmanager
+def _scratch_dir(parent: Path, name: str) -> Iterator[Path]:
+    """A temporary dir beside the destination (same filesystem, so os.replace is a rename), always removed."""
+    path = Path(tempfile.mkdtemp(dir=parent, prefix=f".{name}.partial-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _base_key(key: str) -> str:
     return key.removeprefix(_PEFT_PREFIX)
 
@@ -168,7 +179,7 @@ def save_output_dir(
         raise ValueError("a full-weight output dir cannot also carry a LoRA adapter (merge it first).")
     staging_parent = output_dir.parent
     staging_parent.mkdir(parents=True, exist_ok=True)
-    with atomic_dir(staging_parent / f".{output_dir.name}.files") as tmp:
+    with _scratch_dir(staging_parent, output_dir.name) as tmp:
         _clean_config(base.config).save_pretrained(tmp)
         if getattr(base, "generation_config", None) is not None:
             base.generation_config.save_pretrained(tmp)
