@@ -1,0 +1,86 @@
+"""load_model_and_processor / from_pretrained on output dirs; stages.train with init_from."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForImageTextToText
+
+from mllm.config import build_run_config
+from mllm.models import MllmForConditionalGeneration
+from mllm.models.loading import load_model_and_processor
+from mllm.training.checkpoint import NotAnOutputDirError
+from mllm.training.stages import TrainResult, train
+from tests.test_checkpoint import probe_inputs
+from tests.test_trainer import make_run
+
+
+def test_not_an_output_dir_names_the_path(tiny_components, tmp_path):
+    with pytest.raises(NotAnOutputDirError, match=str(tiny_components["llama"])):
+        load_model_and_processor(tiny_components["llama"])
+    with pytest.raises(NotAnOutputDirError, match="nowhere"):
+        load_model_and_processor(tmp_path / "nowhere")
+
+
+@pytest.mark.parametrize("tune_llm", ["full", "lora"])
+def test_plain_from_pretrained_loads_output_dirs(tiny_components, tmp_path, tune_llm):
+    trainer = make_run(tiny_components, tmp_path, tune_llm=tune_llm, max_steps=1, save_steps=100)
+    trainer.train()
+    trainer.save_model(str(tmp_path))
+    reference, processor = load_model_and_processor(tmp_path)
+    with torch.no_grad():
+        expected = reference(**probe_inputs(processor)).logits
+    for loader in (AutoModelForImageTextToText, MllmForConditionalGeneration):
+        model = loader.from_pretrained(str(tmp_path))
+        assert type(model) is MllmForConditionalGeneration  # LoRA merged, not a peft wrapper
+        with torch.no_grad():
+            torch.testing.assert_close(model(**probe_inputs(processor)).logits, expected, rtol=0, atol=1e-4)
+
+
+def test_stage_two_starts_from_stage_one(tiny_components, tmp_path):
+    from data_tools.synth import generate_dataset
+
+    generate_dataset(tmp_path / "data", num_scenes=8, seed=0, image_size=32)
+    common = [
+        f"vision_tower={tiny_components['clip-vision']}",
+        f"model_name_or_path={tiny_components['qwen2']}",
+        f"image_folder={tmp_path / 'data'}",
+        "max_steps=2",
+        "per_device_train_batch_size=2",
+        "save_steps=100",
+        "use_cpu=true",
+        "logging_steps=1",
+        "learning_rate=1e-2",
+    ]
+    stage1 = build_run_config(
+        None,
+        [*common, f"data_path={tmp_path / 'data' / 'stage1_train.json'}", f"output_dir={tmp_path / 's1'}"],
+    )
+    result = train(stage1)
+    assert isinstance(result, TrainResult) and result.global_step == 2 and result.train_loss > 0
+    stage1_model, _ = load_model_and_processor(tmp_path / "s1")
+    stage2 = build_run_config(
+        None,
+        [
+            *common,
+            f"data_path={tmp_path / 'data' / 'stage2_train.json'}",
+            f"output_dir={tmp_path / 's2'}",
+            f"init_from={tmp_path / 's1'}",
+            "tune_llm=lora",
+            "lora_r=4",
+            "lora_alpha=8",
+            "tune_connector=frozen",
+        ],
+    )
+    train(stage2)
+    record = json.loads((tmp_path / "s2" / "mllm_run.json").read_text())
+    assert record["model_name_or_path"] == str(tiny_components["qwen2"])
+    stage2_model, _ = load_model_and_processor(tmp_path / "s2")
+    # the connector was frozen in stage 2: it must be exactly stage 1's
+    for (name, a), (_, b) in zip(
+        stage1_model.connector.state_dict().items(),
+        stage2_model.get_base_model().connector.state_dict().items(),
+    ):
+        assert torch.equal(a, b), name
