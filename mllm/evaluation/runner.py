@@ -53,6 +53,7 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_VQA_INSTRUCTION = "Answer the question using a single word or phrase."  # LLaVA-1.5 VQAv2/GQA suffix
 BLANK_COLOR = (128, 128, 128)  # mid-grey of --blank-images
+_DTYPES = ("float32", "bfloat16", "float16")
 
 
 @dataclass(frozen=True)
@@ -266,24 +267,30 @@ def evaluate(
     blank_images: bool = False,
     instruction: str = DEFAULT_VQA_INSTRUCTION,
     device: str | None = None,
+    dtype: str | None = None,
 ) -> dict[str, float]:
     """Load any output dir of `mllm train`, answer ``data`` and write ``predictions.jsonl`` and
     ``metrics.json`` into ``output`` (default ``MODEL/eval/TASK``); returns the metrics.
 
     ``template`` None takes the one recorded by `mllm train` in ``mllm_run.json``; when none was
     recorded (or with ``"auto"``) the tokenizer's own chat template renders the prompt.
-    ``device`` defaults to CUDA when available.
+    ``device`` defaults to CUDA when available; ``dtype`` (``float32``, ``bfloat16``, ``float16``)
+    defaults to bfloat16 on CUDA and float32 elsewhere.
     """
+    import torch
+
     TASKS.get(task)  # fail on an unknown task before loading anything
     if device is None:
-        import torch
-
         device = "cuda" if torch.cuda.is_available() else None
+    if dtype is None:
+        dtype = "bfloat16" if device is not None and str(device).startswith("cuda") else "float32"
+    if dtype not in _DTYPES:
+        raise ValueError(f"dtype `{dtype}` is not supported; choose one of: {', '.join(_DTYPES)}.")
     from mllm.models.loading import load_model_and_processor
 
     if template is None:
         template = trained_template(model_path)
-    model, processor = load_model_and_processor(model_path, device=device)
+    model, processor = load_model_and_processor(model_path, device=device, dtype=getattr(torch, dtype))
     return evaluate_model(
         model,
         processor,
@@ -327,6 +334,12 @@ def _parser() -> argparse.ArgumentParser:
         "--instruction", default=DEFAULT_VQA_INSTRUCTION, help='appended after the question ("" for none)'
     )
     parser.add_argument(
+        "--dtype",
+        default=None,
+        choices=_DTYPES,
+        help="weights dtype (default: bfloat16 on CUDA, else float32)",
+    )
+    parser.add_argument(
         "--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)"
     )
     return parser
@@ -350,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         blank_images=args.blank_images,
         instruction=args.instruction,
         device=args.device,
+        dtype=args.dtype,
     )
     print(json.dumps(metrics, indent=2))
     return 0
