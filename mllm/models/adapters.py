@@ -140,10 +140,8 @@ def apply_tuning(
     ):
         if mode == "full":
             component.requires_grad_(True)
-    if gradient_checkpointing and not base.get_input_embeddings().weight.requires_grad:
-        # Reentrant checkpointing drops gradients when no input of a block requires grad (text-only
-        # batches with frozen embeddings); this hook makes the embedding output require grad.
-        base.enable_input_require_grads()
+    # Gradient checkpointing with frozen embeddings needs the embedding output to require grad;
+    # transformers' gradient_checkpointing_enable (called by Trainer) installs that hook itself.
     logger.info("trainable parameters\n%s", trainable_parameter_table(model))
     return model
 
