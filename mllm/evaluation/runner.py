@@ -102,8 +102,12 @@ def load_vqa_samples(
     data file's folder. ``limit`` keeps the first N questions."""
     path = Path(data)
     root = Path(image_folder) if image_folder is not None else path.parent
-    samples = []
+    if limit is not None and limit < 0:
+        raise ValueError(f"limit must be >= 0, got {limit}.")
+    samples: list[VqaSample] = []
     for row, source in _read_rows(path):
+        if limit is not None and len(samples) >= limit:
+            break
         if not isinstance(row, dict) or "question" not in row:
             raise ValueError(f"{source}: a VQA record is an object with a `question`.")
         qid = row.get("question_id", row.get("id"))
@@ -116,8 +120,6 @@ def load_vqa_samples(
                 raise ValueError(f"{source}: a VQA record takes one image.")
         resolved = None if image is None else str(Path(image) if os.path.isabs(image) else root / image)
         samples.append(VqaSample(str(qid), str(row["question"]), resolved, _answers_of(row, source), source))
-        if limit is not None and len(samples) >= limit:
-            break
     return samples
 
 
