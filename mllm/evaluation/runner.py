@@ -197,7 +197,7 @@ def run_vqa(
     references = [s.answers for s in samples]
     metrics = compute_metrics("vqa", [r["prediction"] for r in rows], references)
     majority, baseline = majority_baseline(references)
-    metrics.update(num_samples=float(len(samples)), majority_baseline=baseline)
+    metrics.update(num_samples=len(samples), majority_baseline=baseline)
     logger.info("majority answer %r scores %.4f VQA accuracy", majority, baseline)
     return rows, metrics
 
