@@ -186,15 +186,16 @@ class MllmForConditionalGeneration(MllmPreTrainedModel, GenerationMixin):
         if inputs_embeds is None:
             image_slots = input_ids == self.config.image_token_id
             inputs_embeds = self.get_input_embeddings()(input_ids)
-            if image_features is not None:
-                projected = self.connector(image_features.to(next(self.connector.parameters()).dtype))
-            elif pixel_values is not None:
-                projected = self.get_image_features(pixel_values)
-            else:
-                projected = None
-            if projected is not None:
+            has_images = image_features is not None or pixel_values is not None
+            decoding = past_key_values is not None and _cache_len(past_key_values) > 0
+            if has_images and not (decoding and not bool(image_slots.any())):
+                # Skipped only on a decode step past the prompt, where no image token is left to fill.
+                if image_features is not None:
+                    projected = self.connector(image_features.to(next(self.connector.parameters()).dtype))
+                else:
+                    projected = self.get_image_features(pixel_values)
                 inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, projected)
-            elif bool(image_slots.any()) and (past_key_values is None or _cache_len(past_key_values) == 0):
+            elif bool(image_slots.any()) and not decoding:
                 raise ValueError(
                     f"the input holds {int(image_slots.sum())} image-token positions but no pixel_values were given."
                 )
