@@ -83,7 +83,6 @@ class DataArguments:
     )
     packing: bool = False  # pack several samples into one row (attention kept within samples)
     group_by_modality_length: bool = True  # length-grouped batches, image and text-only apart
-    vision_feature_cache: str | None = None  # folder of cached vision features (frozen tower only)
 
 
 @dataclass

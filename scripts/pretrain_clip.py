@@ -15,8 +15,6 @@ import argparse
 import json
 import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -31,6 +29,8 @@ from transformers import (
     CLIPVisionConfig,
     CLIPVisionModel,
 )
+
+from mllm.training.checkpoint import atomic_dir
 
 __all__ = ["pretrain_clip", "main"]
 
@@ -77,7 +77,9 @@ def pretrain_clip(
         projection_dim=vision_config.hidden_size,
     )
     model = CLIPModel(config)
-    model.vision_model.load_state_dict(CLIPVisionModel.from_pretrained(vision).state_dict())  # a CLIPVisionModel
+    model.vision_model.load_state_dict(
+        CLIPVisionModel.from_pretrained(vision).state_dict()
+    )  # a CLIPVisionModel
     pairs = _pairs(data_file, image_folder)
     pixels = {}
     for path, _ in tqdm(pairs, desc="clip: images", leave=False):
@@ -85,14 +87,17 @@ def pretrain_clip(
             with Image.open(path) as img:
                 pixels[path] = image_processor(img.convert("RGB"), return_tensors="pt")["pixel_values"][0]
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=learning_rate, total_steps=steps, pct_start=0.1)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=learning_rate, total_steps=steps, pct_start=0.1
+    )
     model.train()
     losses = []
     for _ in tqdm(range(steps), desc="clip: contrastive pre-training"):
         batch = rng.sample(pairs, min(batch_size, len(pairs)))
         texts = [caption + tokenizer.eos_token for _, caption in batch]
-        tokens = tokenizer(texts, padding=True, truncation=True, max_length=64, add_special_tokens=False,
-                           return_tensors="pt")
+        tokens = tokenizer(
+            texts, padding=True, truncation=True, max_length=64, add_special_tokens=False, return_tensors="pt"
+        )
         out = model(
             input_ids=tokens["input_ids"],
             attention_mask=tokens["attention_mask"],
@@ -106,19 +111,17 @@ def pretrain_clip(
         losses.append(out.loss.item())
     tower = CLIPVisionModel(vision_config)
     tower.load_state_dict(model.vision_model.state_dict())
-    output = Path(output)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
-    tower.save_pretrained(staging)
-    image_processor.save_pretrained(staging)
-    if output.exists():
-        shutil.rmtree(output)
-    os.replace(staging, output)
+    with atomic_dir(output) as staging:  # a crash while saving leaves the previous folder intact
+        tower.save_pretrained(staging)
+        image_processor.save_pretrained(staging)
     tail = losses[-20:]
     return {"steps": float(steps), "first_loss": losses[0], "final_loss": sum(tail) / len(tail)}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--vision", required=True, help="a CLIP vision tower folder")
     parser.add_argument("--tokenizer", required=True, help="tokenizer for the text encoder")
     parser.add_argument("--data", required=True, type=Path, help="stage-1 LLaVA json (image, caption)")
@@ -127,7 +130,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=300)
     args = parser.parse_args(argv)
     stats = pretrain_clip(args.vision, args.tokenizer, args.data, args.image_folder, args.output, args.steps)
-    print(f"pretrain_clip: {stats['steps']:.0f} steps, loss {stats['first_loss']:.3f} -> {stats['final_loss']:.3f}")
+    print(
+        f"pretrain_clip: {stats['steps']:.0f} steps, loss {stats['first_loss']:.3f} -> {stats['final_loss']:.3f}"
+    )
     return 0
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -26,6 +25,8 @@ from transformers import (
     TrainingArguments,
     set_seed,
 )
+
+from mllm.training.checkpoint import atomic_dir
 
 __all__ = ["conversation_texts", "pretrain_text_llm", "main"]
 
@@ -94,13 +95,9 @@ def pretrain_text_llm(
             data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
         )
         result = trainer.train()
-    output = Path(output)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
-    model.save_pretrained(staging)
-    tokenizer.save_pretrained(staging)
-    if output.exists():
-        shutil.rmtree(output)
-    os.replace(staging, output)
+    with atomic_dir(output) as staging:  # a crash while saving leaves the previous folder intact
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
     return {"train_loss": float(result.training_loss), "steps": float(result.global_step)}
 
 

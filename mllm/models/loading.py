@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import os
 from pathlib import Path
 from typing import Any
@@ -10,14 +9,11 @@ from typing import Any
 import torch
 from peft import PeftModel
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-from transformers.models.auto.modeling_auto import MODEL_MAPPING
+from transformers import AutoConfig, BitsAndBytesConfig
 
 from mllm.models.configuration_mllm import MllmConfig
-from mllm.models.connectors import build_connector
-from mllm.models.modeling_mllm import MllmForConditionalGeneration, load_config_or_explain
-from mllm.models.processing_mllm import MllmProcessor, ensure_image_token
-from mllm.models.vision import vision_config_from
+from mllm.models.modeling_mllm import MllmForConditionalGeneration
+from mllm.models.processing_mllm import MllmProcessor
 
 __all__ = ["build_model", "config_kwargs_of", "is_adapter_output_dir", "load_model_and_processor"]
 
@@ -51,46 +47,14 @@ def build_model(
 
     Only the LLM is quantised; the vision tower and the connector load in ``dtype``.
     """
-    if quantization_config is None:
-        return MllmForConditionalGeneration.from_components(
-            vision, llm, dtype=dtype, attn_implementation=attn_implementation, **config_kwargs
-        )
-    # Hand-written twin of from_components for the quantised LLM: from_components takes no
-    # quantization_config, and loading the LLM twice (once in 16 bit) would defeat QLoRA's purpose.
-    connector = config_kwargs.pop("connector", "mlp")
-    image_token = config_kwargs.pop("image_token", "<image>")
-    vision_config = load_config_or_explain("vision tower", vision, vision_config_from)
-    text_config = load_config_or_explain("LLM", llm)
-    tokenizer = load_config_or_explain("LLM tokenizer", llm, AutoTokenizer.from_pretrained)
-    image_token_id = ensure_image_token(tokenizer, image_token)
-    config = MllmConfig(
-        vision_config=vision_config,
-        text_config=text_config,
-        connector_type=connector,
-        image_token=image_token,
-        image_token_id=image_token_id,
+    return MllmForConditionalGeneration.from_components(
+        vision,
+        llm,
+        dtype=dtype,
+        attn_implementation=attn_implementation,
+        quantization_config=quantization_config,
         **config_kwargs,
     )
-    load_kw: dict[str, Any] = {"dtype": dtype} if dtype is not None else {}
-    if attn_implementation is not None:
-        load_kw["attn_implementation"] = attn_implementation
-    with torch.device("meta"):
-        model = MllmForConditionalGeneration(config)
-    tower_cls = MODEL_MAPPING[type(vision_config)]
-    model.vision_tower = tower_cls.from_pretrained(str(vision), config=vision_config, **load_kw)
-    model.language_model = AutoModelForCausalLM.from_pretrained(
-        str(llm), quantization_config=quantization_config, **load_kw
-    )
-    model.connector = build_connector(config).to(dtype or torch.float32)
-    if len(tokenizer) > model.language_model.get_input_embeddings().num_embeddings:
-        model.language_model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
-    model.config.text_config = model.language_model.config
-    model.config.vision_config = model.vision_tower.config
-    model.generation_config = copy.deepcopy(model.language_model.generation_config)
-    if model.generation_config.pad_token_id is None:
-        model.generation_config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
-    model.generation_config.suppress_tokens = [image_token_id]
-    return model
 
 
 def is_adapter_output_dir(path: str | os.PathLike) -> bool:

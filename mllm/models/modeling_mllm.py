@@ -66,12 +66,15 @@ class MllmForConditionalGeneration(MllmPreTrainedModel, GenerationMixin):
         image_token: str = "<image>",
         dtype: torch.dtype | None = None,
         attn_implementation: str | None = None,
+        quantization_config=None,
         **config_kwargs,
     ) -> MllmForConditionalGeneration:
         """Compose pretrained components (Hub ids or local folders, same code for both).
 
         ``config_kwargs`` are `MllmConfig` fields (``connector_depth``, ``vision_feature_layer``, ...).
         The connector is freshly initialised; the image token is added to the LLM's vocabulary.
+        ``quantization_config`` (e.g. bitsandbytes NF4 for QLoRA) applies to the LLM only: the vision
+        tower and the connector are never quantised.
         """
         vision_config = load_config_or_explain("vision tower", vision, vision_config_from)
         text_config = load_config_or_explain("LLM", llm)
@@ -92,7 +95,9 @@ class MllmForConditionalGeneration(MllmPreTrainedModel, GenerationMixin):
             model = cls(config)
         tower_cls = MODEL_MAPPING[type(vision_config)]
         model.vision_tower = tower_cls.from_pretrained(str(vision), config=vision_config, **load_kw)
-        model.language_model = AutoModelForCausalLM.from_pretrained(str(llm), **load_kw)
+        model.language_model = AutoModelForCausalLM.from_pretrained(
+            str(llm), quantization_config=quantization_config, **load_kw
+        )
         model.connector = build_connector(config).to(dtype or torch.float32)
         if len(tokenizer) > model.language_model.get_input_embeddings().num_embeddings:
             model.language_model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
