@@ -88,8 +88,8 @@ class TinySizes:
 
     vision_hidden: int = 32  # vision tower width
     vision_layers: int = 2  # vision transformer blocks
-    image_size: int = 32  # input resolution of the vision tower
-    patch_size: int = 8  # (32 / 8)^2 = 16 patches per image
+    image_size: int = 48  # input resolution of the vision tower
+    patch_size: int = 16  # (48 / 16)^2 = 9 patches: one per cell of data_tools.synth's 3x3 grid
     llm_hidden: int = 64  # LLM width
     llm_layers: int = 2  # LLM decoder blocks
     llm_heads: int = 4  # attention heads of the LLM

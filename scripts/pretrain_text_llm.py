@@ -1,8 +1,10 @@
 """Teach a tiny random-init LLM the text of the synthetic corpus (no images), with transformers' Trainer.
 
 The main job runs this before stage 1 so that stage 1 can keep the LLM frozen, as LLaVA does with a
-real pretrained LLM: the conversations of the training split are rendered with the LLM's own chat
-template, image placeholders removed, and learned as plain causal-LM text.
+real pretrained LLM. The conversations of the training split are rendered with the LLM's own chat
+template and learned as plain causal-LM text, with each image placeholder replaced by the scene's
+caption: the LLM thus learns to answer from a description in its context (the skill a pretrained LLM
+brings to LLaVA), and stage 1 only has to make image tokens read like that description.
 
     python -m scripts.pretrain_text_llm --llm runs/tiny/llama --data runs/data/stage2_train.json --output DIR
 """
@@ -20,7 +22,6 @@ from datasets import Dataset
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
-    DataCollatorForLanguageModeling,
     Trainer,
     TrainingArguments,
     set_seed,
@@ -28,29 +29,64 @@ from transformers import (
 
 from mllm.training.checkpoint import atomic_dir
 
-__all__ = ["conversation_texts", "pretrain_text_llm", "main"]
+__all__ = ["captions_by_image", "conversation_texts", "pretrain_text_llm", "main"]
 
 _ROLES = {"human": "user", "gpt": "assistant", "system": "system"}
 
 
-def conversation_texts(data_files: list[Path], placeholder: str = "<image>") -> list[list[dict[str, str]]]:
-    """LLaVA json files -> chat messages with the image placeholders removed."""
+def conversation_texts(
+    data_files: list[Path], captions: dict[str, str] | None = None, placeholder: str = "<image>"
+) -> list[list[dict[str, str]]]:
+    """LLaVA json files -> chat messages; a placeholder becomes the image's caption (or is removed)."""
+    captions = captions or {}
     chats = []
     for path in data_files:
         for record in json.loads(Path(path).read_text(encoding="utf-8")):
+            scene = captions.get(record.get("image", ""), "")
             chats.append(
                 [
-                    {"role": _ROLES[turn["from"]], "content": turn["value"].replace(placeholder, "").strip()}
+                    {
+                        "role": _ROLES[turn["from"]],
+                        "content": turn["value"].replace(placeholder, scene).strip(),
+                    }
                     for turn in record["conversations"]
                 ]
             )
     return chats
 
 
+def captions_by_image(caption_file: Path) -> dict[str, str]:
+    """image path -> its caption (the first assistant turn), from a stage-1 LLaVA json file."""
+    records = json.loads(Path(caption_file).read_text(encoding="utf-8"))
+    return {r["image"]: r["conversations"][1]["value"] for r in records if isinstance(r.get("image"), str)}
+
+
+class _CausalLmCollator:
+    """Right-pads and supervises every real token.
+
+    Written here rather than using DataCollatorForLanguageModeling: that collator masks every token
+    equal to the pad id, and a tokenizer without a pad token pads with EOS, so EOS would never be
+    learned and generation would not stop.
+    """
+
+    def __init__(self, pad_token_id: int) -> None:
+        self.pad_token_id = pad_token_id
+
+    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, torch.Tensor]:
+        longest = max(len(f["input_ids"]) for f in features)
+        ids = torch.full((len(features), longest), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(features), longest), dtype=torch.long)
+        for row, f in enumerate(features):
+            ids[row, : len(f["input_ids"])] = torch.tensor(f["input_ids"])
+            mask[row, : len(f["input_ids"])] = 1
+        return {"input_ids": ids, "attention_mask": mask, "labels": ids.masked_fill(mask == 0, -100)}
+
+
 def pretrain_text_llm(
     llm: str | os.PathLike,
     data_files: list[Path],
     output: str | os.PathLike,
+    captions: dict[str, str] | None = None,
     max_steps: int = 300,
     learning_rate: float = 3e-3,
     batch_size: int = 32,
@@ -61,7 +97,7 @@ def pretrain_text_llm(
     tokenizer = AutoTokenizer.from_pretrained(llm)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    chats = conversation_texts(data_files)
+    chats = conversation_texts(data_files, captions)
     if tokenizer.chat_template:
         texts = [tokenizer.apply_chat_template(chat, tokenize=False) for chat in chats]
     else:
@@ -92,7 +128,7 @@ def pretrain_text_llm(
             model=model,
             args=args,
             train_dataset=dataset,
-            data_collator=DataCollatorForLanguageModeling(tokenizer, mlm=False),
+            data_collator=_CausalLmCollator(tokenizer.pad_token_id),
         )
         result = trainer.train()
     with atomic_dir(output) as staging:  # a crash while saving leaves the previous folder intact
@@ -108,10 +144,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--llm", required=True, help="LLM folder or Hub id")
     parser.add_argument("--data", required=True, nargs="+", type=Path, help="LLaVA json files")
     parser.add_argument("--output", required=True, help="where to write the trained LLM")
+    parser.add_argument("--captions", type=Path, help="stage-1 json whose captions replace the placeholders")
     parser.add_argument("--max-steps", type=int, default=300)
     parser.add_argument("--learning-rate", type=float, default=3e-3)
     args = parser.parse_args(argv)
-    stats = pretrain_text_llm(args.llm, args.data, args.output, args.max_steps, args.learning_rate)
+    captions = captions_by_image(args.captions) if args.captions else None
+    stats = pretrain_text_llm(args.llm, args.data, args.output, captions, args.max_steps, args.learning_rate)
     print(
         f"pretrain_text_llm: {stats['steps']:.0f} steps, final mean loss {stats['train_loss']:.3f} -> {args.output}"
     )

@@ -52,11 +52,11 @@ def test_forward_loss_backward(tiny_components, vision, llm, connector):
 
 def test_image_tokens_count_follows_config(tiny_components):
     clip, _ = build(tiny_components, "clip-vision", "llama", "mlp")
-    assert clip.config.num_image_tokens == 16  # (32 / 8)^2 patches, CLS dropped by default
+    assert clip.config.num_image_tokens == 9  # (48 / 16)^2 patches, CLS dropped by default
     keep, _ = build(tiny_components, "clip-vision", "llama", "mlp", vision_feature_select_strategy="full")
-    assert keep.config.num_image_tokens == 17
+    assert keep.config.num_image_tokens == 10
     siglip, _ = build(tiny_components, "siglip-vision", "llama", "mlp", vision_feature_select_strategy="full")
-    assert siglip.config.num_image_tokens == 16  # SigLIP has no CLS to keep
+    assert siglip.config.num_image_tokens == 9  # SigLIP has no CLS to keep
     qformer, _ = build(tiny_components, "clip-vision", "llama", "qformer")
     assert qformer.config.num_image_tokens == 4
 
@@ -74,7 +74,7 @@ def test_image_features_land_at_placeholder_positions(tiny_components, llm):
     handle = model.language_model.register_forward_pre_hook(grab, with_kwargs=True)
     with torch.no_grad():
         model(**batch)
-        expected_images = model.get_image_features(batch["pixel_values"])  # [3, 16, D]
+        expected_images = model.get_image_features(batch["pixel_values"])  # [3, 9, D]
         token_embeds = model.get_input_embeddings()(batch["input_ids"])
     handle.remove()
     embeds = seen["embeds"]
@@ -85,7 +85,8 @@ def test_image_features_land_at_placeholder_positions(tiny_components, llm):
     torch.testing.assert_close(embeds[~mask], token_embeds[~mask])
     # Each run of image tokens is contiguous and belongs to one image.
     first_row = mask[0].nonzero().flatten()
-    assert first_row[15] - first_row[0] == 15
+    n = model.config.num_image_tokens
+    assert first_row[n - 1] - first_row[0] == n - 1
 
 
 @pytest.mark.parametrize("connector", CONNECTORS)
