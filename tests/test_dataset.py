@@ -16,7 +16,10 @@ from mllm.data.dataset import SkipReport, SupervisedDataset, build_dataset, writ
 from mllm.data.errors import BadRecordError
 from mllm.data.formats import Record, Turn
 from mllm.data.templates import IGNORE_INDEX
+from scripts.build_tiny_components import TinySizes
 from tests.data_fixtures import NUM_IMAGE_TOKENS, image, make_processor, record
+
+SIDE = TinySizes().image_size  # the tiny vision towers' input resolution
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +49,7 @@ def test_item_has_expanded_image_tokens_and_masked_labels(processor):
     assert _image_runs(ids, processor.image_token_id) == [NUM_IMAGE_TOKENS]
     assert (labels[ids == processor.image_token_id] == IGNORE_INDEX).all()
     assert processor.tokenizer.decode(labels[labels != IGNORE_INDEX]) == "red<|im_end|>"
-    assert item["pixel_values"].shape == (1, 3, 32, 32) and item["pixel_values"].dtype == torch.float32
+    assert item["pixel_values"].shape == (1, 3, SIDE, SIDE) and item["pixel_values"].dtype == torch.float32
     assert item["id"] == "a" and item["skipped"] == []
     assert ds.lengths == [len(ids)] and ds.modality == [True]
 
@@ -198,4 +201,4 @@ def test_images_are_not_loaded_at_construction(processor, tmp_path):
     ds = SupervisedDataset([record("x", ("<image>", "a"), images=(missing,))], processor, "qwen2", 512)
     assert len(ds) == 1
     image().save(missing)
-    assert ds[0]["pixel_values"].shape == (1, 3, 32, 32)
+    assert ds[0]["pixel_values"].shape == (1, 3, SIDE, SIDE)
