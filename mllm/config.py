@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import torch
 import yaml
 from transformers import TrainingArguments
 
@@ -243,7 +244,12 @@ def build_run_config(recipe: str | os.PathLike | None, overrides: list[str] | No
     tuning = TuningArguments(**buckets[TuningArguments])
     data = DataArguments(**buckets[DataArguments])
     _validate_choices(model, data)
-    training_kwargs = {"output_dir": "runs/default", "report_to": "none", **buckets[TrainingArguments]}
+    defaults = {
+        "output_dir": "runs/default",
+        "report_to": "none",
+        "dataloader_pin_memory": torch.cuda.is_available(),  # pinning without a GPU only warns
+    }
+    training_kwargs = {**defaults, **buckets[TrainingArguments]}
     try:
         training = TrainingArguments(**training_kwargs)
     except (ValueError, TypeError) as err:
