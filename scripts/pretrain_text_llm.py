@@ -66,7 +66,8 @@ class _CausalLmCollator:
 
     Written here rather than using DataCollatorForLanguageModeling: that collator masks every token
     equal to the pad id, and a tokenizer without a pad token pads with EOS, so EOS would never be
-    learned and generation would not stop.
+    learned and generation would not stop. mllm's own MllmCollator expects labels and adds a
+    `skipped` key that only MllmTrainer removes before the forward pass.
     """
 
     def __init__(self, pad_token_id: int) -> None:
