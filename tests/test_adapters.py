@@ -9,11 +9,11 @@ from peft import PeftModel
 
 from mllm.config import TuningArguments
 from mllm.models.adapters import apply_tuning, llm_quantization_config, lora_target_pattern, unwrap_mllm
-from mllm.models.loading import build_model
+from mllm.models.modeling_mllm import MllmForConditionalGeneration
 
 
 def tiny(components, tuning: TuningArguments, dtype=None):
-    return build_model(
+    return MllmForConditionalGeneration.from_components(
         str(components["clip-vision"]),
         str(components["llama"]),
         quantization_config=llm_quantization_config(tuning),

@@ -17,7 +17,7 @@ from mllm.evaluation import evaluate, vqa_accuracy
 from mllm.evaluation.runner import load_vqa_samples, main, majority_baseline
 from mllm.models import MllmProcessor
 from mllm.models.adapters import apply_tuning
-from mllm.models.loading import build_model
+from mllm.models.modeling_mllm import MllmForConditionalGeneration
 from mllm.training.checkpoint import make_run_record, save_output_dir
 
 
@@ -27,7 +27,7 @@ def saved_model(tiny_components: dict[str, Path], tmp_path_factory: pytest.TempP
     vision, llm = str(tiny_components["clip-vision"]), str(tiny_components["llama"])
     tuning = TuningArguments(tune_llm="lora", lora_r=4, lora_alpha=8)
     torch.manual_seed(0)
-    model = apply_tuning(build_model(vision, llm, connector="mlp"), tuning)
+    model = apply_tuning(MllmForConditionalGeneration.from_components(vision, llm, connector="mlp"), tuning)
     processor = MllmProcessor.from_components(vision, llm, model.config.num_image_tokens)
     record = make_run_record(
         vision_tower=vision,

@@ -15,7 +15,7 @@ from transformers import AutoConfig, TrainingArguments, set_seed
 from mllm.config import TuningArguments
 from mllm.data.collator import MllmCollator
 from mllm.models.adapters import apply_tuning, llm_quantization_config, trainable_parameter_table
-from mllm.models.loading import build_model
+from mllm.models.modeling_mllm import MllmForConditionalGeneration
 from mllm.models.processing_mllm import MllmProcessor
 from mllm.training.checkpoint import make_run_record
 from mllm.training.trainer import MllmTrainer
@@ -90,7 +90,9 @@ def make_run(
     }
     vision, lm = str(components["clip-vision"]), str(components[llm])
     set_seed(seed)
-    model = build_model(vision, lm, connector="mlp", quantization_config=llm_quantization_config(tuning))
+    model = MllmForConditionalGeneration.from_components(
+        vision, lm, connector="mlp", quantization_config=llm_quantization_config(tuning)
+    )
     processor = MllmProcessor.from_components(vision, lm, num_image_tokens=model.config.num_image_tokens)
     model = apply_tuning(model, tuning)
     record = make_run_record(

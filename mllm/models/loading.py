@@ -9,13 +9,13 @@ from typing import Any
 import torch
 from peft import PeftModel
 from torch import nn
-from transformers import AutoConfig, BitsAndBytesConfig
+from transformers import AutoConfig
 
 from mllm.models.configuration_mllm import MllmConfig
 from mllm.models.modeling_mllm import MllmForConditionalGeneration
 from mllm.models.processing_mllm import MllmProcessor
 
-__all__ = ["build_model", "config_kwargs_of", "is_adapter_output_dir", "load_model_and_processor"]
+__all__ = ["config_kwargs_of", "is_adapter_output_dir", "load_model_and_processor"]
 
 _CONFIG_FIELDS = (
     "connector_depth",
@@ -32,29 +32,6 @@ def config_kwargs_of(config: MllmConfig) -> dict[str, Any]:
     kwargs = {name: getattr(config, name) for name in _CONFIG_FIELDS}
     kwargs.update(connector=config.connector_type, image_token=config.image_token)
     return kwargs
-
-
-def build_model(
-    vision: str | os.PathLike,
-    llm: str | os.PathLike,
-    *,
-    quantization_config: BitsAndBytesConfig | None = None,
-    dtype: torch.dtype | None = None,
-    attn_implementation: str | None = None,
-    **config_kwargs,
-) -> MllmForConditionalGeneration:
-    """`MllmForConditionalGeneration.from_components`, plus a 4-bit LLM when ``quantization_config`` is given.
-
-    Only the LLM is quantised; the vision tower and the connector load in ``dtype``.
-    """
-    return MllmForConditionalGeneration.from_components(
-        vision,
-        llm,
-        dtype=dtype,
-        attn_implementation=attn_implementation,
-        quantization_config=quantization_config,
-        **config_kwargs,
-    )
 
 
 def is_adapter_output_dir(path: str | os.PathLike) -> bool:
@@ -100,7 +77,7 @@ def load_model_and_processor(
         quantization = llm_quantization_config(tuning) if quantize else None
         if quantize and quantization is None:
             quantization = llm_quantization_config(TuningArguments(tune_llm="qlora"))
-        model = build_model(
+        model = MllmForConditionalGeneration.from_components(
             record["vision_tower"],
             record["model_name_or_path"],
             quantization_config=quantization,

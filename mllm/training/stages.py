@@ -20,7 +20,8 @@ from mllm.config import RunConfig
 from mllm.data.collator import MllmCollator, PackingCollator
 from mllm.data.dataset import SkipReport, build_dataset
 from mllm.models.adapters import apply_tuning, llm_quantization_config
-from mllm.models.loading import build_model, load_model_and_processor
+from mllm.models.loading import load_model_and_processor
+from mllm.models.modeling_mllm import MllmForConditionalGeneration
 from mllm.models.processing_mllm import MllmProcessor
 from mllm.training.checkpoint import make_run_record, read_run_record
 from mllm.training.trainer import MllmTrainer
@@ -74,7 +75,7 @@ def load_for_training(run: RunConfig) -> tuple[nn.Module, MllmProcessor, dict[st
         )
         return model, processor, record
     vision, llm = run.model.vision_tower, run.model.model_name_or_path
-    model = build_model(
+    model = MllmForConditionalGeneration.from_components(
         vision,
         llm,
         quantization_config=llm_quantization_config(run.tuning),
