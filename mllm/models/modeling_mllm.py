@@ -147,8 +147,11 @@ class MllmForConditionalGeneration(MllmPreTrainedModel, GenerationMixin):
         features = select_features(
             self.vision_tower, pixel_values.to(tower_dtype), self.config.vision_feature_layer, drop_cls
         )  # [N_img, T_vis, D_vis]
-        connector_dtype = next(self.connector.parameters()).dtype
-        return self.connector(features.to(connector_dtype))  # [N_img, T_img, D_llm]
+        return self.project_features(features)
+
+    def project_features(self, features: torch.Tensor) -> torch.Tensor:
+        """Vision features [N_img, T_vis, D_vis] (computed here or cached) -> [N_img, T_img, D_llm]."""
+        return self.connector(features.to(next(self.connector.parameters()).dtype))
 
     def merge_image_features(
         self,
@@ -196,7 +199,7 @@ class MllmForConditionalGeneration(MllmPreTrainedModel, GenerationMixin):
             if has_images and not (decoding and not bool(image_slots.any())):
                 # Skipped only on a decode step past the prompt, where no image token is left to fill.
                 if image_features is not None:
-                    projected = self.connector(image_features.to(next(self.connector.parameters()).dtype))
+                    projected = self.project_features(image_features)
                 else:
                     projected = self.get_image_features(pixel_values)
                 inputs_embeds = self.merge_image_features(input_ids, inputs_embeds, projected)
