@@ -202,3 +202,44 @@ def test_images_are_not_loaded_at_construction(processor, tmp_path):
     assert len(ds) == 1
     image().save(missing)
     assert ds[0]["pixel_values"].shape == (1, 3, SIDE, SIDE)
+
+
+def test_skip_report_survives_resume_without_double_counting(tmp_path):
+    path = tmp_path / "skipped_records.json"
+    first = SkipReport(Counter(too_long=2))  # construction-time counts: recounted by every run
+    first.update([("missing_image", "r1"), ("unreadable_image", "r7")])
+    first.write(path)
+    assert json.loads(path.read_text())["records"] == [["missing_image", "r1"], ["unreadable_image", "r7"]]
+    resumed = SkipReport(Counter(too_long=2))
+    resumed.restore(path)
+    resumed.update([("missing_image", "r1"), ("missing_image", "r9")])  # r1 comes round again
+    assert resumed.counts == Counter(too_long=2, missing_image=2, unreadable_image=1)
+    SkipReport().restore(tmp_path / "absent.json")  # a fresh output dir: nothing to restore
+    path.write_text("[1, 2]")
+    with pytest.raises(ValueError, match="skipped_records.json"):
+        SkipReport().restore(path)
+
+
+def _gather_skips_on_rank(rank: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from mllm.training.callbacks import SkippedRecordsCallback
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        report = SkipReport(Counter(too_long=1))
+        report.update([("missing_image", f"rank{rank}"), ("missing_image", "shared")])
+        state = TrainerState(is_world_process_zero=rank == 0)
+        args = TrainingArguments(output_dir=out_dir, report_to="none", use_cpu=True)
+        SkippedRecordsCallback(report).on_train_end(args, state, TrainerControl())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_skip_counts_of_every_rank_reach_the_report(tmp_path):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_gather_skips_on_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
+    report = json.loads((tmp_path / "skipped_records.json").read_text())
+    assert report["by_reason"] == {"missing_image": 3, "too_long": 1}  # rank0, rank1, shared once

@@ -9,10 +9,12 @@ sample without supervised tokens never reaches the loss, every skip is counted b
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections import Counter
 from collections.abc import Iterable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -203,9 +205,11 @@ def _check_template(processor: MllmProcessor, template: str | None) -> None:
 
 
 class SkipReport:
-    """Aggregates skips in the main process: construction-time counts plus ``item["skipped"]`` lists.
+    """Aggregates skips: construction-time counts plus the ``item["skipped"]`` lists of batches.
 
-    A record skipped in several epochs or workers counts once per reason.
+    A record skipped in several epochs, workers or ranks counts once per reason. The
+    ``(reason, record_id)`` pairs seen in batches are written with the counts, so a resumed run
+    (`restore`) and the other ranks of a distributed run (`merge`) add up instead of starting over.
     """
 
     def __init__(self, counts: Counter[str] | None = None) -> None:
@@ -219,18 +223,42 @@ class SkipReport:
                 self._seen.add((reason, record_id))
                 self._counts[reason] += 1
 
+    merge = update  # pairs gathered from another rank
+
     @property
     def counts(self) -> Counter[str]:
         return Counter(self._counts)
 
+    @property
+    def seen(self) -> list[tuple[str, str]]:
+        """The batch-time ``(reason, record_id)`` pairs, sorted."""
+        return sorted(self._seen)
+
+    def restore(self, path: str | os.PathLike[str]) -> None:
+        """Add the batch-time pairs of an earlier report at ``path`` (resume); no file: nothing to add."""
+        path = Path(path)
+        if not path.is_file():
+            return
+        try:
+            pairs = json.loads(path.read_text(encoding="utf-8")).get("records", [])
+            self.update((str(reason), str(record_id)) for reason, record_id in pairs)
+        except (ValueError, TypeError, AttributeError) as err:
+            raise ValueError(f"`{path}` is not a skipped-records report written by mllm: {err}") from err
+
     def write(self, path: str | os.PathLike[str]) -> None:
-        write_skip_report(self._counts, path)
+        write_skip_report(self._counts, path, records=self.seen)
 
 
-def write_skip_report(counter: Counter[str], path: str | os.PathLike[str]) -> None:
-    """Write ``{"total": n, "by_reason": {reason: count}}`` as JSON to ``path``, atomically."""
+def write_skip_report(
+    counter: Counter[str], path: str | os.PathLike[str], records: list[tuple[str, str]] | None = None
+) -> None:
+    """Write ``{"total": n, "by_reason": {reason: count}, "records": [[reason, id], ...]}`` to ``path``,
+    atomically; ``records`` are the batch-time skips (construction-time ones are recounted on load)."""
     by_reason = {reason: int(n) for reason, n in sorted(counter.items()) if n}
-    save_json({"total": sum(by_reason.values()), "by_reason": by_reason}, path)
+    report: dict[str, Any] = {"total": sum(by_reason.values()), "by_reason": by_reason}
+    if records is not None:
+        report["records"] = [list(pair) for pair in records]
+    save_json(report, path)
 
 
 def build_dataset(

@@ -8,6 +8,7 @@ import signal
 from collections.abc import Callable
 from types import FrameType
 
+import torch.distributed as dist
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 __all__ = ["GracefulStopCallback", "SkippedRecordsCallback", "SKIPPED_RECORDS"]
@@ -62,13 +63,23 @@ class GracefulStopCallback(TrainerCallback):
 
 
 class SkippedRecordsCallback(TrainerCallback):
-    """At each epoch end (and at train end), log the skipped-record counts and write them to
-    ``output_dir/skipped_records.json`` (atomically, main process only)."""
+    """At each epoch end (and at train end), gather the skips of every rank, log the counts and write
+    them to ``output_dir/skipped_records.json`` (atomically, main process only)."""
 
     def __init__(self, report) -> None:
         self.report = report  # mllm.data.dataset.SkipReport
 
+    def _gather(self) -> None:
+        """Every rank learns every rank's batch-time skips (a collective: all ranks call it)."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        gathered: list[list[tuple[str, str]] | None] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, self.report.seen)
+        for pairs in gathered:
+            self.report.merge(pairs or [])
+
     def _write(self, args: TrainingArguments, state: TrainerState) -> None:
+        self._gather()
         if not state.is_world_process_zero:
             return
         counts = self.report.counts

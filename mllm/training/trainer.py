@@ -16,7 +16,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from mllm.config import TuningArguments
 from mllm.data.dataset import SkipReport
 from mllm.data.sampler import ModalityLengthGroupedSampler
-from mllm.training.callbacks import GracefulStopCallback, SkippedRecordsCallback
+from mllm.training.callbacks import SKIPPED_RECORDS, GracefulStopCallback, SkippedRecordsCallback
 from mllm.training.checkpoint import RUN_RECORD, atomic_dir, load_weights_into, save_output_dir
 
 __all__ = ["MllmTrainer", "VisionFeatureSource"]
@@ -57,6 +57,12 @@ class MllmTrainer(Trainer):
         self.skip_report = skip_report if skip_report is not None else SkipReport()
         self.add_callback(SkippedRecordsCallback(self.skip_report))
         self.add_callback(GracefulStopCallback())
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
+        """Trainer.train; a resumed run first takes back the skips its earlier part reported."""
+        if resume_from_checkpoint:
+            self.skip_report.restore(Path(self.args.output_dir) / SKIPPED_RECORDS)
+        return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
 
     # -- optimizer --------------------------------------------------------------------------
     def _component_lr(self, name: str) -> float:
