@@ -14,7 +14,7 @@ from transformers import AutoConfig
 import mllm.evaluation.runner as runner
 from mllm.config import TuningArguments
 from mllm.evaluation import evaluate, vqa_accuracy
-from mllm.evaluation.runner import load_vqa_samples, main, majority_baseline
+from mllm.evaluation.runner import VqaSample, load_vqa_samples, main, majority_baseline, question_type_prior
 from mllm.models import MllmProcessor
 from mllm.models.adapters import apply_tuning
 from mllm.models.modeling_mllm import MllmForConditionalGeneration
@@ -65,8 +65,18 @@ def test_evaluate_writes_predictions_and_consistent_metrics(
     expected_n = len(data.read_text().splitlines())
     assert json.loads((tmp_path / "metrics.json").read_text()) == metrics
     assert metrics["num_samples"] == expected_n == len(rows)
-    assert set(metrics) == {"exact_match", "vqa_accuracy", "num_samples", "majority_baseline"}
-    assert set(rows[0]) >= {"question_id", "question", "prediction", "answers"}
+    assert set(metrics) == {
+        "exact_match",
+        "vqa_accuracy",
+        "num_samples",
+        "majority_baseline",
+        "question_type_prior",  # the synthetic files carry question_type
+        "exact_match_by_type",
+    }
+    assert set(rows[0]) >= {"question_id", "question", "prediction", "answers", "question_type"}
+    for qtype, score in metrics["exact_match_by_type"].items():
+        of_type = [r for r in rows if r["question_type"] == qtype]
+        assert score == pytest.approx(sum(r["prediction"] == r["answers"][0] for r in of_type) / len(of_type))
     recomputed = sum(vqa_accuracy(r["prediction"], r["answers"]) for r in rows) / len(rows)
     assert metrics["vqa_accuracy"] == pytest.approx(recomputed)
     assert 0.0 < metrics["majority_baseline"] < 1.0
@@ -147,6 +157,15 @@ def test_reads_json_variants(tmp_path: Path) -> None:
 def test_majority_baseline() -> None:
     answer, score = majority_baseline([["yes"] * 10, ["Yes"] * 10, ["no"] * 10, ["2"] * 10])
     assert answer == "yes" and score == pytest.approx(0.5)
+
+
+def test_question_type_prior_takes_the_majority_answer_of_each_type() -> None:
+    def sample(qtype, answer):
+        return VqaSample("q", "?", None, (answer,), "f#0", qtype)
+
+    samples = [sample("exist", "yes"), sample("exist", "yes"), sample("exist", "no"), sample("count", "2")]
+    assert question_type_prior(samples) == pytest.approx(0.75)  # "yes" for exist, "2" for count
+    assert majority_baseline([s.answers for s in samples])[1] == pytest.approx(0.5)
 
 
 def test_unknown_task_lists_supported(saved_model: Path, vqa_dir: Path) -> None:

@@ -13,7 +13,9 @@ https://github.com/haotian-liu/LLaVA/blob/main/docs/Evaluation.md); ``--instruct
 
 The output folder receives ``predictions.jsonl`` (question_id, question, image, prediction, answers)
 and ``metrics.json`` (``exact_match``, ``vqa_accuracy``, ``num_samples`` and ``majority_baseline``:
-the VQA accuracy of always answering the most frequent answer of the evaluated set), both written
+the VQA accuracy of always answering the most frequent answer of the evaluated set; with records that
+carry a ``question_type`` also ``question_type_prior``, the accuracy of answering each type's most
+frequent answer, and ``exact_match_by_type``), both written
 atomically. ``--blank-images`` replaces every image by a mid-grey one of the same size: a model
 whose accuracy does not drop then is not using the image.
 """
@@ -32,7 +34,7 @@ from typing import Any
 
 from PIL import Image
 
-from mllm.evaluation.metrics import compute_metrics, normalize_answer, vqa_accuracy
+from mllm.evaluation.metrics import compute_metrics, exact_match, normalize_answer, vqa_accuracy
 from mllm.registry import Registry
 
 __all__ = [
@@ -43,9 +45,11 @@ __all__ = [
     "blank_like",
     "evaluate",
     "evaluate_model",
+    "exact_match_by_type",
     "load_vqa_samples",
     "main",
     "majority_baseline",
+    "question_type_prior",
     "trained_template",
 ]
 
@@ -65,6 +69,7 @@ class VqaSample:
     image: str | None
     answers: tuple[str, ...]
     source: str  # "file.jsonl#12", for error messages
+    question_type: str | None = None  # VQA's `question_type`, when the file gives one
 
 
 def _read_rows(path: Path) -> list[tuple[dict[str, Any], str]]:
@@ -119,7 +124,17 @@ def load_vqa_samples(
             if image is None:
                 raise ValueError(f"{source}: a VQA record takes one image.")
         resolved = None if image is None else str(Path(image) if os.path.isabs(image) else root / image)
-        samples.append(VqaSample(str(qid), str(row["question"]), resolved, _answers_of(row, source), source))
+        qtype = row.get("question_type")
+        samples.append(
+            VqaSample(
+                str(qid),
+                str(row["question"]),
+                resolved,
+                _answers_of(row, source),
+                source,
+                None if qtype is None else str(qtype),
+            )
+        )
     return samples
 
 
@@ -136,6 +151,28 @@ def majority_baseline(answers: Sequence[Sequence[str]]) -> tuple[str, float]:
     per_question = [Counter(normalize_answer(a) for a in refs).most_common(1)[0][0] for refs in answers]
     answer = Counter(per_question).most_common(1)[0][0]
     return answer, sum(vqa_accuracy(answer, refs) for refs in answers) / len(answers)
+
+
+def question_type_prior(samples: Sequence[VqaSample]) -> float:
+    """VQA accuracy of answering each question with its type's most frequent answer (the
+    "per Q-type prior" baseline of Antol et al., 2015): what the question alone gives away.
+    Questions without a type form one group."""
+    by_type: dict[str | None, list[tuple[str, ...]]] = {}
+    for sample in samples:
+        by_type.setdefault(sample.question_type, []).append(sample.answers)
+    if not samples:
+        return 0.0
+    total = sum(majority_baseline(group)[1] * len(group) for group in by_type.values())
+    return total / len(samples)
+
+
+def exact_match_by_type(samples: Sequence[VqaSample], predictions: Sequence[str]) -> dict[str, float]:
+    """Exact match per ``question_type`` (empty when the file gives no types)."""
+    hits: dict[str, list[float]] = {}
+    for sample, prediction in zip(samples, predictions):
+        if sample.question_type is not None:
+            hits.setdefault(sample.question_type, []).append(exact_match(prediction, sample.answers))
+    return {qtype: sum(v) / len(v) for qtype, v in sorted(hits.items())}
 
 
 def _load_images(sample: VqaSample, blank: bool) -> list[Image.Image]:
@@ -190,6 +227,7 @@ def run_vqa(
                     "image": s.image,
                     "prediction": p,
                     "answers": list(s.answers),
+                    **({"question_type": s.question_type} if s.question_type is not None else {}),
                 }
                 for s, p in zip(batch, predictions)
             )
@@ -198,6 +236,11 @@ def run_vqa(
     metrics = compute_metrics("vqa", [r["prediction"] for r in rows], references)
     majority, baseline = majority_baseline(references)
     metrics.update(num_samples=len(samples), majority_baseline=baseline)
+    if any(s.question_type is not None for s in samples):
+        metrics.update(
+            question_type_prior=question_type_prior(samples),
+            exact_match_by_type=exact_match_by_type(samples, [r["prediction"] for r in rows]),
+        )
     logger.info("majority answer %r scores %.4f VQA accuracy", majority, baseline)
     return rows, metrics
 
