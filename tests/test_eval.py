@@ -132,6 +132,14 @@ def test_prompt_carries_image_question_and_instruction(
         template="vicuna_v1", instruction="",
     )  # fmt: skip
     assert prompts[0].endswith(f"USER: <image>\n{first.question} ASSISTANT:")
+    prompts.clear()
+    evaluate(
+        str(saved_model), "vqa", str(vqa_dir / "vqa_val.jsonl"), output=str(tmp_path), limit=1,
+        template="vicuna_v1", instruction="", image_position="after",
+    )  # fmt: skip
+    assert prompts[0].endswith(f"USER: {first.question}\n<image> ASSISTANT:")
+    with pytest.raises(ValueError, match=r"image_position `middle`.*before, after"):
+        evaluate(str(saved_model), "vqa", str(vqa_dir / "vqa_val.jsonl"), image_position="middle")
 
 
 def test_reads_json_variants(tmp_path: Path) -> None:

@@ -2,13 +2,14 @@
 
     mllm eval MODEL --task vqa --data FILE [--image-folder DIR] [--output DIR] [--batch-size N]
                     [--max-new-tokens N] [--template NAME] [--limit N] [--blank-images]
-                    [--instruction TEXT]
+                    [--instruction TEXT] [--image-position before|after]
 
 VQA files are json (a list) or jsonl, one question per record: ``question_id`` (or ``id``),
 ``image`` (relative to ``--image-folder``, default the data file's folder), ``question`` and
 ``answers`` (list of strings or of ``{"answer": ...}``; a single ``answer`` string also works).
-The prompt is ``<image>\\n{question}\\n{instruction}`` rendered with the chat template; the default
-instruction is LLaVA-1.5's short-answer suffix (``llava/eval`` question files,
+The prompt is ``<image>\\n{question}\\n{instruction}`` (``{question}\\n<image>\\n{instruction}`` with
+``--image-position after``, for models trained with the image after the question) rendered with the
+chat template; the default instruction is LLaVA-1.5's short-answer suffix (``llava/eval`` question files,
 https://github.com/haotian-liu/LLaVA/blob/main/docs/Evaluation.md); ``--instruction ""`` drops it.
 
 The output folder receives ``predictions.jsonl`` (question_id, question, image, prediction, answers)
@@ -58,6 +59,7 @@ logger = logging.getLogger(__name__)
 DEFAULT_VQA_INSTRUCTION = "Answer the question using a single word or phrase."  # LLaVA-1.5 VQAv2/GQA suffix
 BLANK_COLOR = (128, 128, 128)  # mid-grey of --blank-images
 _DTYPES = ("float32", "bfloat16", "float16")
+IMAGE_POSITIONS = ("before", "after")  # the image placeholder's place relative to the question
 
 
 @dataclass(frozen=True)
@@ -196,6 +198,7 @@ def run_vqa(
     limit: int | None,
     blank_images: bool,
     instruction: str,
+    image_position: str = "before",
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Answer every question of ``data``; returns prediction rows and metrics."""
     from tqdm.auto import tqdm
@@ -210,7 +213,8 @@ def run_vqa(
             batch = samples[start : start + batch_size]
             prompts = []
             for sample in batch:
-                parts = ([placeholder] if sample.image is not None else []) + [sample.question]
+                image = [placeholder] if sample.image is not None else []
+                parts = [*image, sample.question] if image_position == "before" else [sample.question, *image]
                 parts += [instruction] if instruction else []
                 prompts.append(build_generation_prompt("\n".join(parts), processor.tokenizer, template))
             images = [_load_images(sample, blank_images) for sample in batch]
@@ -247,7 +251,7 @@ def run_vqa(
 
 TaskRunner = Callable[..., tuple[list[dict[str, Any]], dict[str, float]]]
 """``(model, processor, *, data, image_folder, batch_size, max_new_tokens, template, limit,
-blank_images, instruction) -> (prediction rows, metrics)``."""
+blank_images, instruction, image_position) -> (prediction rows, metrics)``."""
 
 TASKS: Registry[TaskRunner] = Registry("evaluation task")
 TASKS.add("vqa", run_vqa)
@@ -267,6 +271,7 @@ def evaluate_model(
     limit: int | None = None,
     blank_images: bool = False,
     instruction: str = DEFAULT_VQA_INSTRUCTION,
+    image_position: str = "before",
 ) -> dict[str, float]:
     """`evaluate` on an already loaded model and processor."""
     from mllm.data.formats import save_json, save_jsonl
@@ -274,6 +279,10 @@ def evaluate_model(
     runner = TASKS.get(task)  # fails listing the supported tasks
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if image_position not in IMAGE_POSITIONS:
+        raise ValueError(
+            f"image_position `{image_position}` is not supported; choose one of: {', '.join(IMAGE_POSITIONS)}."
+        )
     rows, metrics = runner(
         model,
         processor,
@@ -285,6 +294,7 @@ def evaluate_model(
         limit=limit,
         blank_images=blank_images,
         instruction=instruction,
+        image_position=image_position,
     )
     output = Path(output)
     save_jsonl(rows, output / "predictions.jsonl")
@@ -311,6 +321,7 @@ def evaluate(
     limit: int | None = None,
     blank_images: bool = False,
     instruction: str = DEFAULT_VQA_INSTRUCTION,
+    image_position: str = "before",
     device: str | None = None,
     dtype: str | None = None,
 ) -> dict[str, float]:
@@ -349,6 +360,7 @@ def evaluate(
         limit=limit,
         blank_images=blank_images,
         instruction=instruction,
+        image_position=image_position,
     )
 
 
@@ -379,6 +391,12 @@ def _parser() -> argparse.ArgumentParser:
         "--instruction", default=DEFAULT_VQA_INSTRUCTION, help='appended after the question ("" for none)'
     )
     parser.add_argument(
+        "--image-position",
+        default="before",
+        choices=IMAGE_POSITIONS,
+        help="image placeholder before the question (LLaVA's eval prompts) or after it",
+    )
+    parser.add_argument(
         "--dtype",
         default=None,
         choices=_DTYPES,
@@ -405,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         max_new_tokens=args.max_new_tokens,
         template=args.template,
         limit=args.limit,
+        image_position=args.image_position,
         blank_images=args.blank_images,
         instruction=args.instruction,
         device=args.device,
