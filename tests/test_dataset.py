@@ -143,7 +143,8 @@ def test_build_dataset_merges_load_and_dataset_counts(processor, synth_small, tm
     (tmp_path / "images").symlink_to(synth_small / "images")
     path = tmp_path / "d.json"
     path.write_text(json.dumps(data))
-    ds = build_dataset(path, None, processor, "qwen2", 120, "skip", "drop")
+    longest = max(build_dataset(path, None, processor, "qwen2", None, "skip", "drop").lengths)
+    ds = build_dataset(path, None, processor, "qwen2", longest - 1, "skip", "drop")
     assert ds.skipped["bad_turn_order"] == 1 and ds.skipped["too_long"] >= 1
     assert len(ds) + sum(ds.skipped.values()) == len(data)
     assert ds[0]["pixel_values"].shape[0] == 1

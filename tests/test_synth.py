@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -51,8 +52,11 @@ def test_every_file_loads_strictly_with_image_folder(dataset):
             out / f"{kind}_val.json", image_folder=out, bad_data="strict", check_images=True
         )
         assert len(records) == counts[f"{kind}_val.json"] and not skipped
-    turns = [len(r["conversations"]) // 2 for r in _json(out / "stage2_train.json")]
-    assert min(turns) == 2 and max(turns) == 4
+    stage2 = _json(out / "stage2_train.json")
+    assert {len(r["conversations"]) for r in stage2} == {2}  # one question per record, as VQA asks
+    assert all(r["conversations"][0]["value"].endswith("\n<image>") for r in stage2)
+    per_scene = Counter(r["image"] for r in stage2)
+    assert min(per_scene.values()) == 2 and max(per_scene.values()) == 4
 
 
 def test_no_scene_shared_between_splits(dataset):
@@ -106,7 +110,7 @@ def test_existence_answers_are_balanced(dataset):
         turn["value"]
         for rec in _json(out / "stage2_train.json")
         for q, turn in zip(rec["conversations"][::2], rec["conversations"][1::2])
-        if q["value"].split("\n")[-1].startswith("Is there")
+        if q["value"].replace("<image>", "").strip().startswith("Is there")
     ]
     assert len(answers) > 200 and 0.4 < answers.count("yes") / len(answers) < 0.6
 

@@ -31,19 +31,20 @@ def test_clean_synth_has_no_problems(tiny_components, synth_small, capsys, tmp_p
     assert rc == 0, out
     assert out.strip().splitlines()[-1].startswith("OK:") and "0 problem(s)" in out
     data = json.loads(report.read_text())
-    assert data["num_problems"] == 0 and data["num_records"] == 43
+    num_records = len(json.loads((synth_small / "stage2_train.json").read_text()))
+    assert data["num_problems"] == 0 and data["num_records"] == num_records
     assert data["lengths"]["min"] > 16  # image tokens are counted
 
 
 def test_reports_exactly_the_planted_problems(tiny_components, synth_small, tmp_path, capsys):
     shutil.copytree(synth_small / "images", tmp_path / "images")
     records = json.loads((synth_small / "stage2_train.json").read_text())
-    (tmp_path / "images" / records[3]["image"].split("/")[-1]).unlink()  # deleted image
-    corrupt = tmp_path / "images" / records[5]["image"].split("/")[-1]
+    images = list(dict.fromkeys(r["image"] for r in records))  # synth writes 2-4 records per image
+    (tmp_path / "images" / images[1].split("/")[-1]).unlink()  # deleted image
+    corrupt = tmp_path / "images" / images[2].split("/")[-1]
     corrupt.write_bytes(corrupt.read_bytes()[:40])  # corrupted (truncated) file
-    records[7]["conversations"][0]["value"] = (
-        "<image><image>\n<image> what is this?"  # 3 placeholders, 1 image
-    )
+    mismatch = next(r for r in records if r["image"] == images[3])
+    mismatch["conversations"][0]["value"] = "<image><image>\n<image> what is this?"  # 3 placeholders, 1 image
     data = tmp_path / "bad.json"
     data.write_text(json.dumps(records))
     report = tmp_path / "report.json"
@@ -51,22 +52,19 @@ def test_reports_exactly_the_planted_problems(tiny_components, synth_small, tmp_
     out = capsys.readouterr().out
     assert rc == 1
     problems = json.loads(report.read_text())["problems"]
-    assert sorted((p["id"], p["reason"]) for p in problems) == sorted(
-        [
-            (records[3]["id"], "missing_image"),
-            (records[5]["id"], "unreadable_image"),
-            (records[7]["id"], "image_count_mismatch"),
-        ]
-    )
+    expected = [(r["id"], "missing_image") for r in records if r["image"] == images[1]]
+    expected += [(r["id"], "unreadable_image") for r in records if r["image"] == images[2]]
+    expected += [(mismatch["id"], "image_count_mismatch")]
+    assert sorted((p["id"], p["reason"]) for p in problems) == sorted(expected)
     assert all(p["source"].startswith("bad.json#") for p in problems)
-    assert "3 problem(s)" in out.strip().splitlines()[-1]
+    assert f"{len(expected)} problem(s)" in out.strip().splitlines()[-1]
 
 
 def test_model_max_length_drops_are_counted(tiny_components, synth_small, capsys):
-    rc = main(_args(tiny_components, synth_small / "stage2_train.json", "--model-max-length", "100"))
+    rc = main(_args(tiny_components, synth_small / "stage2_train.json", "--model-max-length", "50"))
     out = capsys.readouterr().out
     assert rc == 1
-    dropped = int(out.split("model_max_length=100 drops ")[1].split()[0])
+    dropped = int(out.split("model_max_length=50 drops ")[1].split()[0])
     assert dropped > 0 and f"too_long={dropped}" in out
 
 
