@@ -3,8 +3,8 @@
     python -m scripts.quickstart [--workdir runs] [--num-scenes 2000]
 
 synthetic shapes data -> tiny components (the vision tower pre-trained with a CLIP loss on the
-training captions) -> the tiny LLM learns the corpus text -> stage 1 (connector
-only, LLM frozen) -> stage 2 (connector + LoRA) -> exact-match accuracy on the held-out test split,
+training captions) -> the tiny LLM learns the corpus text (the image placeholders removed) -> stage 1
+(connector only, LLM frozen) -> stage 2 (connector + LoRA) -> exact-match accuracy on the held-out test split,
 the same model with blank images (proof that the image flows through the connector), and one example.
 Each step is one call; the recipes in recipes/tiny/ hold the hyper-parameters.
 """
@@ -20,7 +20,7 @@ from pathlib import Path
 from data_tools.synth import generate_dataset
 from scripts.build_tiny_components import TinySizes, build_tiny_components
 from scripts.pretrain_clip import pretrain_clip
-from scripts.pretrain_text_llm import captions_by_image, pretrain_text_llm
+from scripts.pretrain_text_llm import pretrain_text_llm
 
 __all__ = ["main"]
 
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         "--num-scenes", type=int, default=2000, help="synthetic scenes (train/val/test split)"
     )
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--text-steps", type=int, default=400, help="steps of LLM text pretraining")
+    parser.add_argument("--text-steps", type=int, default=150, help="steps of LLM text pretraining")
     parser.add_argument("--clip-steps", type=int, default=600, help="steps of contrastive vision pretraining")
     args = parser.parse_args(argv)
     work: Path = args.workdir
@@ -94,13 +94,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     rows.append(Row("vision tower: CLIP loss", args.clip_steps, time.perf_counter() - t, clip["final_loss"]))
 
-    print("[3/6] the tiny LLM learns the text of the synthetic corpus (captions in place of images)")
+    print("[3/6] the tiny LLM learns the text of the synthetic corpus (no images)")
     t = time.perf_counter()
     text = pretrain_text_llm(
         tiny["llama"],
         [work / "data" / "stage1_train.json", work / "data" / "stage2_train.json"],
         tiny["llama"],
-        captions=captions_by_image(work / "data" / "stage1_train.json"),
         max_steps=args.text_steps,
         seed=args.seed,
     )
@@ -142,8 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         data=str(work / "data" / "vqa_test.jsonl"),
         image_folder=str(work / "data"),
         batch_size=32,
-        instruction="",
-    )  # synth questions carry no short-answer suffix
+        instruction="",  # synth questions carry no short-answer suffix
+        image_position="after",  # as in data_tools.synth's stage-2 conversations
+    )
     t = time.perf_counter()
     metrics = evaluate_model(model, processor, output=work / "eval-test", **common)
     rows.append(Row("eval: test split", 0, time.perf_counter() - t, None, metrics["exact_match"]))
@@ -162,6 +162,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"same model, blank images:    {100 * blank['exact_match']:.1f}%")
     print(f"majority-answer baseline:    {100 * metrics['majority_baseline']:.1f}%")
+    print(
+        f"question-type prior:         {100 * metrics['question_type_prior']:.1f}% (each type's most common answer)"
+    )
+    by_type = ", ".join(f"{k} {100 * v:.0f}%" for k, v in metrics["exact_match_by_type"].items())
+    print(f"by question type:            {by_type}")
     print(
         f"example: {example['question']!r} -> {example['prediction']!r} (expected {example['answers'][0]!r})"
     )
