@@ -2,9 +2,9 @@
 
 The main job runs this before stage 1 so that stage 1 can keep the LLM frozen, as LLaVA does with a
 real pretrained LLM. The conversations of the training split are rendered with the LLM's own chat
-template and learned as plain causal-LM text, with each image placeholder replaced by the scene's
-caption: the LLM thus learns to answer from a description in its context (the skill a pretrained LLM
-brings to LLaVA), and stage 1 only has to make image tokens read like that description.
+template and learned as plain causal-LM text, each image placeholder removed, or, with ``--captions``,
+replaced by the scene's caption (the LLM then learns to answer from a description in its context; the
+main job does not do that: a tiny LLM trained so learned to answer from image tokens more slowly later).
 
     python -m scripts.pretrain_text_llm --llm runs/tiny/llama --data runs/data/stage2_train.json --output DIR
 """

@@ -279,10 +279,7 @@ def evaluate_model(
     runner = TASKS.get(task)  # fails listing the supported tasks
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
-    if image_position not in IMAGE_POSITIONS:
-        raise ValueError(
-            f"image_position `{image_position}` is not supported; choose one of: {', '.join(IMAGE_POSITIONS)}."
-        )
+    _check_image_position(image_position)
     rows, metrics = runner(
         model,
         processor,
@@ -300,6 +297,13 @@ def evaluate_model(
     save_jsonl(rows, output / "predictions.jsonl")
     save_json(metrics, output / "metrics.json")
     return metrics
+
+
+def _check_image_position(image_position: str) -> None:
+    if image_position not in IMAGE_POSITIONS:
+        raise ValueError(
+            f"image_position `{image_position}` is not supported; choose one of: {', '.join(IMAGE_POSITIONS)}."
+        )
 
 
 def trained_template(model_path: str | os.PathLike[str]) -> str | None:
@@ -335,7 +339,8 @@ def evaluate(
     """
     import torch
 
-    TASKS.get(task)  # fail on an unknown task before loading anything
+    TASKS.get(task)  # fail on an unknown task or argument before loading anything
+    _check_image_position(image_position)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else None
     if dtype is None:
