@@ -209,7 +209,8 @@ class SkipReport:
 
     A record skipped in several epochs, workers or ranks counts once per reason. The
     ``(reason, record_id)`` pairs seen in batches are written with the counts, so a resumed run
-    (`restore`) and the other ranks of a distributed run (`merge`) add up instead of starting over.
+    (`restore`) and the other ranks of a distributed run (`update` with their `seen`) add up instead
+    of starting over.
     """
 
     def __init__(self, counts: Counter[str] | None = None) -> None:
@@ -222,8 +223,6 @@ class SkipReport:
             if (reason, record_id) not in self._seen:
                 self._seen.add((reason, record_id))
                 self._counts[reason] += 1
-
-    merge = update  # pairs gathered from another rank
 
     @property
     def counts(self) -> Counter[str]:

@@ -159,11 +159,11 @@ def question_type_prior(samples: Sequence[VqaSample]) -> float:
     """VQA accuracy of answering each question with its type's most frequent answer (the
     "per Q-type prior" baseline of Antol et al., 2015): what the question alone gives away.
     Questions without a type form one group."""
+    if not samples:
+        return 0.0
     by_type: dict[str | None, list[tuple[str, ...]]] = {}
     for sample in samples:
         by_type.setdefault(sample.question_type, []).append(sample.answers)
-    if not samples:
-        return 0.0
     total = sum(majority_baseline(group)[1] * len(group) for group in by_type.values())
     return total / len(samples)
 
@@ -237,13 +237,14 @@ def run_vqa(
             )
             progress.update(len(batch))
     references = [s.answers for s in samples]
-    metrics = compute_metrics("vqa", [r["prediction"] for r in rows], references)
+    predictions = [r["prediction"] for r in rows]
+    metrics = compute_metrics("vqa", predictions, references)
     majority, baseline = majority_baseline(references)
     metrics.update(num_samples=len(samples), majority_baseline=baseline)
     if any(s.question_type is not None for s in samples):
         metrics.update(
             question_type_prior=question_type_prior(samples),
-            exact_match_by_type=exact_match_by_type(samples, [r["prediction"] for r in rows]),
+            exact_match_by_type=exact_match_by_type(samples, predictions),
         )
     logger.info("majority answer %r scores %.4f VQA accuracy", majority, baseline)
     return rows, metrics

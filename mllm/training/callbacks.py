@@ -76,7 +76,7 @@ class SkippedRecordsCallback(TrainerCallback):
         gathered: list[list[tuple[str, str]] | None] = [None] * dist.get_world_size()
         dist.all_gather_object(gathered, self.report.seen)
         for pairs in gathered:
-            self.report.merge(pairs or [])
+            self.report.update(pairs or [])
 
     def _write(self, args: TrainingArguments, state: TrainerState) -> None:
         self._gather()
