@@ -47,6 +47,10 @@ def _table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
+def _by_type(metrics: dict) -> str:
+    return ", ".join(f"{k} {100 * v:.0f}%" for k, v in metrics["exact_match_by_type"].items())
+
+
 def _train_stage(recipe: Path, overrides: list[str]):
     from mllm.config import build_run_config
     from mllm.training.stages import train
@@ -165,8 +169,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"question-type prior:         {100 * metrics['question_type_prior']:.1f}% (each type's most common answer)"
     )
-    by_type = ", ".join(f"{k} {100 * v:.0f}%" for k, v in metrics["exact_match_by_type"].items())
-    print(f"by question type:            {by_type}")
+    print(f"by question type:            {_by_type(metrics)}")
+    print(f"  blank images, by type:     {_by_type(blank)}")
     print(
         f"example: {example['question']!r} -> {example['prediction']!r} (expected {example['answers'][0]!r})"
     )
