@@ -169,11 +169,13 @@ def test_ddp_cpu_2proc_starts_two_gloo_processes(tmp_path: Path) -> None:
         "from transformers import TrainingArguments\n"
         f"a = TrainingArguments(output_dir={str(tmp_path / 'out')!r}, use_cpu=True, report_to='none')\n"
         "s = a.distributed_state\n"
-        "print('RANK', a.process_index, a.world_size, s.distributed_type.value, s.backend, flush=True)\n"
+        "line = f'RANK {a.process_index} {a.world_size} {s.distributed_type.value} {s.backend}'\n"
+        # one file per rank: two ranks printing to one pipe can interleave their lines
+        f"open({str(tmp_path)!r} + f'/rank{{a.process_index}}.txt', 'w').write(line)\n"
     )
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MASTER_PORT": "29617"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
     cmd += [str(RECIPES / "accelerate" / "ddp_cpu_2proc.yaml"), "--main_process_port", "29617", str(probe)]
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
-    ranks = sorted(line for line in result.stdout.splitlines() if line.startswith("RANK"))
+    ranks = sorted(path.read_text() for path in tmp_path.glob("rank*.txt"))
     assert ranks == ["RANK 0 2 MULTI_CPU gloo", "RANK 1 2 MULTI_CPU gloo"], result.stderr[-2000:]
