@@ -1,9 +1,9 @@
 """The main job: the embedded default, end to end, offline, on a CPU.
 
-    python -m scripts.quickstart [--workdir runs] [--num-scenes 2000]
+    python -m scripts.quickstart [--workdir runs] [--num-scenes 6000]
 
 synthetic shapes data -> tiny components (the vision tower pre-trained with a CLIP loss on the
-training captions) -> the tiny LLM learns the corpus text (the image placeholders removed) -> stage 1
+training captions and a region-phrase loss on each object's patch) -> the tiny LLM learns the corpus text (the image placeholders removed) -> stage 1
 (connector only, LLM frozen) -> stage 2 (connector + LoRA) -> exact-match accuracy on the held-out test split,
 the same model with blank images (proof that the image flows through the connector), and one example.
 Each step is one call; the recipes in recipes/tiny/ hold the hyper-parameters.
@@ -51,6 +51,12 @@ def _by_type(metrics: dict) -> str:
     return ", ".join(f"{k} {100 * v:.0f}%" for k, v in metrics["exact_match_by_type"].items())
 
 
+def _recipe_value(recipe: str, key: str):
+    import yaml
+
+    return yaml.safe_load((RECIPES / recipe).read_text(encoding="utf-8"))[key]
+
+
 def _train_stage(recipe: Path, overrides: list[str]):
     from mllm.config import build_run_config
     from mllm.training.stages import train
@@ -66,9 +72,14 @@ def main(argv: list[str] | None = None) -> int:
         "--workdir", type=Path, default=Path("runs"), help="where data, components and runs go"
     )
     parser.add_argument(
-        "--num-scenes", type=int, default=2000, help="synthetic scenes (train/val/test split)"
+        "--num-scenes", type=int, default=6000, help="synthetic scenes (train/val/test split)"
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the data, the components and their pre-training (the stage recipes keep their own)",
+    )
     parser.add_argument("--text-steps", type=int, default=150, help="steps of LLM text pretraining")
     parser.add_argument("--clip-steps", type=int, default=600, help="steps of contrastive vision pretraining")
     args = parser.parse_args(argv)
@@ -95,8 +106,13 @@ def main(argv: list[str] | None = None) -> int:
         tiny["clip-vision"],
         steps=args.clip_steps,
         seed=args.seed,
+        # each training object's patch token, at the layer the connector reads, is aligned with its phrase
+        regions=work / "data" / "scenes.jsonl",
+        feature_layer=_recipe_value("stage2_lora.yaml", "vision_feature_layer"),
     )
-    rows.append(Row("vision tower: CLIP loss", args.clip_steps, time.perf_counter() - t, clip["final_loss"]))
+    rows.append(
+        Row("vision tower: CLIP + region", args.clip_steps, time.perf_counter() - t, clip["final_loss"])
+    )
 
     print("[3/6] the tiny LLM learns the text of the synthetic corpus (no images)")
     t = time.perf_counter()
