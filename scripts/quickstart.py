@@ -3,9 +3,10 @@
     python -m scripts.quickstart [--workdir runs] [--num-scenes 6000]
 
 synthetic shapes data -> tiny components (the vision tower pre-trained with a CLIP loss on the
-training captions and a region-phrase loss on each object's patch) -> the tiny LLM learns the corpus text (the image placeholders removed) -> stage 1
-(connector only, LLM frozen) -> stage 2 (connector + LoRA) -> exact-match accuracy on the held-out test split,
-the same model with blank images (proof that the image flows through the connector), and one example.
+training captions and a region-phrase loss on each object's patch) -> the tiny LLM learns the corpus
+text (the image placeholders removed) -> stage 1 (connector only, LLM frozen) -> stage 2 (connector +
+LoRA) -> exact-match accuracy on the held-out test split, the same model with blank images (proof
+that the image flows through the connector), and one example.
 Each step is one call; the recipes in recipes/tiny/ hold the hyper-parameters.
 """
 
@@ -51,7 +52,7 @@ def _by_type(metrics: dict) -> str:
     return ", ".join(f"{k} {100 * v:.0f}%" for k, v in metrics["exact_match_by_type"].items())
 
 
-def _recipe_value(recipe: str, key: str):
+def _recipe_value(recipe: str, key: str) -> object:
     import yaml
 
     return yaml.safe_load((RECIPES / recipe).read_text(encoding="utf-8"))[key]
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         # each training object's patch token, at the layer the connector reads, is aligned with its phrase
         regions=work / "data" / "scenes.jsonl",
-        feature_layer=_recipe_value("stage2_lora.yaml", "vision_feature_layer"),
+        feature_layer=int(_recipe_value("stage2_lora.yaml", "vision_feature_layer")),
     )
     rows.append(
         Row("vision tower: CLIP + region", args.clip_steps, time.perf_counter() - t, clip["final_loss"])
