@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationMixin, PreTrainedModel
+from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
@@ -91,7 +93,11 @@ class MllmForConditionalGeneration(MllmPreTrainedModel, GenerationMixin):
         load_kw = {"dtype": dtype} if dtype is not None else {}
         if attn_implementation is not None:
             load_kw["attn_implementation"] = attn_implementation
-        with torch.device("meta"):
+        # The skeleton's tower and LLM are replaced below, so they are built on the meta device (no
+        # memory, no init) -- except under DeepSpeed ZeRO-3, where transformers builds and initialises
+        # every sub-model partitioned (zero.Init), which cannot write into meta tensors.
+        skeleton = contextlib.nullcontext() if is_deepspeed_zero3_enabled() else torch.device("meta")
+        with skeleton:
             model = cls(config)
         tower_cls = MODEL_MAPPING[type(vision_config)]
         model.vision_tower = tower_cls.from_pretrained(str(vision), config=vision_config, **load_kw)
