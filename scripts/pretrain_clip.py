@@ -42,7 +42,7 @@ from transformers import (
 
 from mllm.training.checkpoint import atomic_dir
 
-__all__ = ["pretrain_clip", "main"]
+__all__ = ["load_regions", "main", "pretrain_clip"]
 
 
 def _pairs(data_file: Path, image_folder: Path) -> list[tuple[Path, str]]:
