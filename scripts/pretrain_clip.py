@@ -169,8 +169,8 @@ def pretrain_clip(
         optimizer, max_lr=learning_rate, total_steps=steps, pct_start=0.1
     )
 
-    def encode_text(texts: list[str]) -> torch.Tensor:
-        tokens = tokenizer(
+    def tokenize(texts: list[str]) -> dict[str, torch.Tensor]:
+        return tokenizer(
             [text + tokenizer.eos_token for text in texts],
             padding=True,
             truncation=True,
@@ -178,25 +178,24 @@ def pretrain_clip(
             add_special_tokens=False,
             return_tensors="pt",
         )
-        features = model.get_text_features(
-            input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
-        )
+
+    def encode_text(texts: list[str]) -> torch.Tensor:
+        features = model.get_text_features(**tokenize(texts))
         return F.normalize(features.pooler_output, dim=-1)
 
     model.train()
     losses, region_losses = [], []
     for _ in tqdm(range(steps), desc="clip: contrastive pre-training"):
         batch = rng.sample(pairs, min(batch_size, len(pairs)))
-        vision_out = model.vision_model(
-            pixel_values=torch.stack([pixels[path] for path, _ in batch]), output_hidden_states=True
+        out = model(
+            **tokenize([caption for _, caption in batch]),
+            pixel_values=torch.stack([pixels[path] for path, _ in batch]),
+            return_loss=True,
+            output_hidden_states=True,  # the region loss reads the patch tokens of `feature_layer`
         )
-        images = F.normalize(model.visual_projection(vision_out.pooler_output), dim=-1)
-        logits = model.logit_scale.exp() * images @ encode_text([caption for _, caption in batch]).t()
-        targets = torch.arange(len(batch))
-        # CLIP's symmetric loss, as CLIPModel(return_loss=True) computes it
-        loss = (F.cross_entropy(logits, targets) + F.cross_entropy(logits.t(), targets)) / 2
+        loss = out.loss
         if objects is not None:
-            patch_tokens = vision_out.hidden_states[feature_layer][:, 1:]
+            patch_tokens = out.vision_model_output.hidden_states[feature_layer][:, 1:]
             region = _region_loss(model, patch_tokens, [objects[path] for path, _ in batch], encode_text)
             loss = loss + region_weight * region
             region_losses.append(region.item())

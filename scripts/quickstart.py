@@ -53,9 +53,9 @@ def _by_type(metrics: dict) -> str:
 
 
 def _recipe_value(recipe: str, key: str) -> object:
-    import yaml
+    from mllm.config import load_recipe
 
-    return yaml.safe_load((RECIPES / recipe).read_text(encoding="utf-8"))[key]
+    return load_recipe(RECIPES / recipe)[key]
 
 
 def _train_stage(recipe: Path, overrides: list[str]):
