@@ -1,8 +1,10 @@
 """Answer normalisation, exact match and the official VQA accuracy, plus a per-task metric registry.
 
-The normalisation and the accuracy follow the official VQA evaluation script
-(https://github.com/GT-Vision-Lab/VQA/blob/master/PythonHelperTools/vqaEvaluation/vqaEval.py,
-``processPunctuation``, ``processDigitArticle`` and ``evaluate``); the code here is our own.
+``vqa_accuracy`` reproduces the official VQA evaluation script, quirks included:
+https://github.com/GT-Vision-Lab/VQA/blob/master/PythonEvaluationTools/vqaEvaluation/vqaEval.py
+(commit a013f00 "Fixed processing answers bug", 2021; ``processPunctuation``, ``processDigitArticle``
+and ``evaluate``). The code here is our own. ``vqa_accuracy_normalized`` is the lenient variant that
+normalises both sides always.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ __all__ = [
     "exact_match",
     "normalize_answer",
     "vqa_accuracy",
+    "vqa_accuracy_normalized",
 ]
 
 # Contractions written without their apostrophe -> the apostrophe form (vqaEval.py ``contractions``).
@@ -59,36 +62,55 @@ _NUMBER_WORDS = {
     "six": "6", "seven": "7", "eight": "8", "nine": "9", "ten": "10",
 }  # fmt: skip
 _ARTICLES = frozenset({"a", "an", "the"})
+# vqaEval.py ``self.punct``; the period has its own rule (``_PERIOD``).
 _PUNCTUATION = (";", "/", "[", "]", '"', "{", "}", "(", ")", "=", "+", "\\", "_", "-", ">", "<", "@", "`", ",", "?", "!")  # fmt: skip
-_DIGIT_COMMA_DIGIT = re.compile(r"\d,\d")  # "1,000": punctuation is deleted, not spaced
-_PERIOD = re.compile(r"\.(?!\d)")  # a period not followed by a digit ("3.5" keeps its point)
+# vqaEval.py ``commaStrip = re.compile("(\d)(\,)(\d)")``. re.ASCII: the script is Python 2 and compiles
+# without re.UNICODE, so its ``\d`` is [0-9] only (Python 3 would also match other scripts' digits).
+_DIGIT_COMMA_DIGIT = re.compile(r"(\d)(\,)(\d)", re.ASCII)
+# vqaEval.py ``periodStrip = re.compile("(?!<=\d)(\.)(?!\d)")``, kept as written: ``(?!<=\d)`` is a
+# negative *lookahead* for the text "<=digit" (a typo for the lookbehind ``(?<!\d)``); before a "."
+# it always holds, so the pattern is "a period not followed by a digit": "3.5" and ".5" keep it,
+# "yes." and "5." lose it.
+_PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)", re.ASCII)
+# vqaEval.py calls ``periodStrip.sub("", outText, re.UNICODE)``: the flag lands in the *count*
+# argument, and re.UNICODE == 32, so at most 32 periods are removed.
+_PERIOD_MAX_SUBSTITUTIONS = 32
 
 
-def _strip_punctuation(text: str) -> str:
-    """vqaEval ``processPunctuation``: a mark next to a space (or any mark in a text holding a
-    digit-comma-digit) is deleted; otherwise it becomes a space ("black/white" -> "black white")."""
+def _clean_whitespace(text: str) -> str:
+    """vqaEval ``evaluate``: ``.replace('\\n', ' ')``, ``.replace('\\t', ' ')``, ``.strip()`` -- the only
+    processing the official script applies to every answer and prediction."""
+    return text.replace("\n", " ").replace("\t", " ").strip()
+
+
+def _process_punctuation(text: str) -> str:
+    """vqaEval ``processPunctuation``: a mark is deleted when it stands next to a space in the input
+    or the input holds a digit-comma-digit anywhere ("1,000" -> "1000", and then *every* mark of
+    the text is deleted); otherwise it becomes a space ("black/white" -> "black white"). Then up to
+    32 periods not followed by a digit are deleted."""
     delete_all = _DIGIT_COMMA_DIGIT.search(text) is not None
     out = text
     for mark in _PUNCTUATION:
-        if delete_all or mark + " " in text or " " + mark in text:
+        if mark + " " in text or " " + mark in text or delete_all:  # tested on the input text
             out = out.replace(mark, "")
         else:
             out = out.replace(mark, " ")
-    return _PERIOD.sub("", out)
+    return _PERIOD.sub("", out, count=_PERIOD_MAX_SUBSTITUTIONS)
 
 
-def _digits_articles_contractions(text: str) -> str:
-    """vqaEval ``processDigitArticle``: number words -> digits, drop articles, restore contractions."""
+def _process_digit_article(text: str) -> str:
+    """vqaEval ``processDigitArticle``: lowercase, split on whitespace, number words -> digits
+    (``manualMap``), drop articles, then contractions; join with single spaces. The table's keys with
+    capitals ("Im", "Ive", "Id've") never match after lowercasing; kept as the script has them."""
     words = [_NUMBER_WORDS.get(word, word) for word in text.lower().split()]
     words = [_CONTRACTIONS.get(word, word) for word in words if word not in _ARTICLES]
     return " ".join(words)
 
 
 def normalize_answer(s: str) -> str:
-    """VQA answer normalisation: lowercase, punctuation, number words to digits, no articles,
-    contractions, single spaces (``"Two dogs."`` -> ``"2 dogs"``)."""
-    text = s.replace("\n", " ").replace("\t", " ").strip().lower()
-    return _digits_articles_contractions(_strip_punctuation(text))
+    """The official VQA normalisation, applied in full: whitespace, ``processPunctuation``, then
+    ``processDigitArticle`` (``"Two dogs."`` -> ``"2 dogs"``)."""
+    return _process_digit_article(_process_punctuation(_clean_whitespace(s)))
 
 
 def exact_match(prediction: str, answers: Sequence[str]) -> float:
@@ -97,26 +119,53 @@ def exact_match(prediction: str, answers: Sequence[str]) -> float:
     return float(any(pred == normalize_answer(answer) for answer in answers))
 
 
-def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
-    """Official VQA accuracy: ``min(#annotators who gave the answer / 3, 1)`` averaged over the n
-    leave-one-out subsets of the n annotators (the 10-choose-9 subsets for VQA's 10 answers).
+def _leave_one_out(pred: str, answers: Sequence[str]) -> float:
+    """vqaEval ``evaluate``: for each annotator left out, ``min(1, #other annotators whose answer ==
+    pred / 3)``; the mean over the annotators. The script leaves out one answer *dict* (answer ids
+    differ), i.e. exactly one annotator even when several gave the same string."""
+    matches = sum(answer == pred for answer in answers)
+    scores = [min(1.0, (matches - (left_out == pred)) / 3.0) for left_out in answers]
+    return sum(scores) / len(scores)
 
-    Predictions and answers are both normalised (the official script normalises the prediction and
-    relies on annotations already stored normalised). A single reference answer has no
-    leave-one-out subset, so it is scored as exact match.
+
+def vqa_accuracy(prediction: str, answers: Sequence[str]) -> float:
+    """Official VQA accuracy, as the official script computes it (quirks included).
+
+    Both sides get newline/tab -> space and strip. Then, only when the cleaned answers are not all
+    identical (``if len(set(gtAnswers)) > 1``), the prediction *and* every answer get
+    ``processPunctuation`` and ``processDigitArticle`` (lowercase, number words, articles,
+    contractions). When all answers are identical nothing more is done, so ``"The red one"`` against
+    ten ``"red one"`` scores 0.0 and ``"Yes"`` against ten ``"yes"`` scores 0.0. The score is the
+    leave-one-out mean of ``min(1, matches among the other annotators / 3)``: m of 10 matching gives
+    0.0, 0.3, 0.6, 0.9, then 1.0 from m = 4.
+
+    A single reference answer (non-VQA data) is not scored by the script's rule, which would give
+    0.0 always (no other annotator is left to agree); it is scored as exact match after the
+    official normalisation of both sides (``normalize_answer``), so ``("two", ["2"])`` is 1.0.
     """
     if not answers:
         raise ValueError("vqa_accuracy needs at least one reference answer.")
+    pred = _clean_whitespace(prediction)
+    refs = [_clean_whitespace(answer) for answer in answers]
+    if len(refs) == 1:
+        return float(normalize_answer(pred) == normalize_answer(refs[0]))
+    if len(set(refs)) > 1:  # the official script normalises only in this case
+        pred = normalize_answer(pred)
+        refs = [normalize_answer(answer) for answer in refs]
+    return _leave_one_out(pred, refs)
+
+
+def vqa_accuracy_normalized(prediction: str, answers: Sequence[str]) -> float:
+    """Lenient VQA accuracy: the official leave-one-out score with the prediction and every answer
+    always fully normalised (``normalize_answer``), whether or not the answers agree; a single
+    reference answer is scored as exact match of the normalised strings."""
+    if not answers:
+        raise ValueError("vqa_accuracy_normalized needs at least one reference answer.")
     pred = normalize_answer(prediction)
-    normalized = [normalize_answer(answer) for answer in answers]
-    if len(normalized) == 1:
-        return float(pred == normalized[0])
-    matches = sum(answer == pred for answer in normalized)
-    scores = []
-    for left_out in normalized:  # each annotator left out once; the others vote
-        others = matches - (left_out == pred)
-        scores.append(min(1.0, others / 3.0))
-    return sum(scores) / len(scores)
+    refs = [normalize_answer(answer) for answer in answers]
+    if len(refs) == 1:
+        return float(pred == refs[0])
+    return _leave_one_out(pred, refs)
 
 
 CorpusMetric = Callable[[Sequence[str], Sequence[Sequence[str]]], float]
@@ -139,9 +188,10 @@ def _mean_of(per_sample: Callable[[str, Sequence[str]], float]) -> CorpusMetric:
 
 METRICS.add("exact_match", _mean_of(exact_match))
 METRICS.add("vqa_accuracy", _mean_of(vqa_accuracy))
+METRICS.add("vqa_accuracy_normalized", _mean_of(vqa_accuracy_normalized))
 
 # Task -> the metrics its runner reports (caption: cider/bleu, retrieval: recall@k slot in here).
-TASK_METRICS: dict[str, tuple[str, ...]] = {"vqa": ("exact_match", "vqa_accuracy")}
+TASK_METRICS: dict[str, tuple[str, ...]] = {"vqa": ("exact_match", "vqa_accuracy", "vqa_accuracy_normalized")}
 
 
 def compute_metrics(
