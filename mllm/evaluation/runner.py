@@ -4,26 +4,43 @@
                     [--max-new-tokens N] [--template NAME] [--limit N] [--blank-images]
                     [--instruction TEXT] [--image-position before|after]
 
-VQA files are json (a list) or jsonl, one question per record: ``question_id`` (or ``id``),
-``image`` (relative to ``--image-folder``, default the data file's folder), ``question`` and
-``answers`` (list of strings or of ``{"answer": ...}``; a single ``answer`` string also works).
-The prompt is ``<image>\\n{question}\\n{instruction}`` (``{question}\\n<image>\\n{instruction}`` with
-``--image-position after``, for models trained with the image after the question) rendered with the
-chat template; the default instruction is LLaVA-1.5's short-answer suffix (``llava/eval`` question files,
-https://github.com/haotian-liu/LLaVA/blob/main/docs/Evaluation.md); ``--instruction ""`` drops it.
+``--data`` is read as `mllm train` reads it (``mllm.data.formats.read_raw_records``: json list,
+jsonl, parquet, a ``datasets.save_to_disk`` folder, an imagefolder with ``metadata.jsonl``), one
+sample per record, in either of two shapes:
 
-The output folder receives ``predictions.jsonl`` (question_id, question, image, prediction, answers)
-and ``metrics.json`` (``exact_match``, ``vqa_accuracy``, ``num_samples`` and ``majority_baseline``:
-the VQA accuracy of always answering the most frequent answer of the evaluated set; with records that
-carry a ``question_type`` also ``question_type_prior``, the accuracy of answering each type's most
-frequent answer, and ``exact_match_by_type``), both written
-atomically. ``--blank-images`` replaces every image by a mid-grey one of the same size: a model
-whose accuracy does not drop then is not using the image.
+- a VQA row: ``question_id`` (or ``id``), ``image`` (optional; a path or a list of paths),
+  ``question`` and ``answers`` (list of strings or of ``{"answer": ...}``; a single ``answer`` string
+  also works), optionally ``question_type``. The prompt is ``<image>\\n{question}``
+  (``{question}\\n<image>`` with ``--image-position after``) unless the question already holds its
+  ``<image>`` placeholder;
+- a training record (LLaVA ``conversations`` from human/gpt, or ``messages`` with role/content,
+  content a string or a list of ``{"type": "image"}`` / ``{"type": "text", "text": ...}`` parts),
+  normalised by ``mllm.data.formats.normalize_record``: the reference answer is the LAST assistant
+  turn, the question is the user turn before it with its ``<image>`` placeholders where they stand,
+  and every earlier turn (system, user, assistant) is context in the prompt. All images of the record
+  go to the model in placeholder order.
+
+Relative image paths resolve against ``--image-folder`` (default: the data file's folder). The prompt
+is rendered with the chat template the model was trained with and asks exactly what the data asks:
+``--instruction TEXT`` appends ``\\n{TEXT}`` to the question only when given. LLaVA-1.5 evaluates
+VQAv2, GQA and other short-answer benchmarks with :data:`LLAVA_VQA_INSTRUCTION` ("Answer the question
+using a single word or phrase.", ``llava/eval`` question files,
+https://github.com/haotian-liu/LLaVA/blob/main/docs/Evaluation.md); pass it for a model trained on
+such prompts.
+
+The output folder receives ``predictions.jsonl`` (question_id, question, image, prompt: the text sent
+to the model, prediction, answers) and ``metrics.json`` (the task's metrics from
+``mllm.evaluation.metrics.TASK_METRICS``, ``num_samples`` and ``majority_baseline``: the VQA accuracy
+of always answering the most frequent answer of the evaluated set; with records that carry a
+``question_type`` also ``question_type_prior``, the accuracy of answering each type's most frequent
+answer, and ``exact_match_by_type``), both written atomically. ``--blank-images`` replaces every image
+by a mid-grey one of the same size: a model whose accuracy does not drop then is not using the image.
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import logging
 import os
@@ -35,11 +52,20 @@ from typing import Any
 
 from PIL import Image
 
-from mllm.evaluation.metrics import compute_metrics, exact_match, normalize_answer, vqa_accuracy
+from mllm.data.formats import (
+    IMAGE_PLACEHOLDER,
+    ImageRef,
+    Turn,
+    check_record_structure,
+    normalize_record,
+    read_raw_records,
+)
+from mllm.evaluation.metrics import compute_metrics, exact_match, vqa_accuracy
 from mllm.registry import Registry
 
 __all__ = [
-    "DEFAULT_VQA_INSTRUCTION",
+    "IMAGE_POSITIONS",
+    "LLAVA_VQA_INSTRUCTION",
     "TASKS",
     "TaskRunner",
     "VqaSample",
@@ -50,47 +76,33 @@ __all__ = [
     "load_vqa_samples",
     "main",
     "majority_baseline",
+    "prompt_turns",
     "question_type_prior",
     "trained_template",
 ]
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_VQA_INSTRUCTION = "Answer the question using a single word or phrase."  # LLaVA-1.5 VQAv2/GQA suffix
+LLAVA_VQA_INSTRUCTION = "Answer the question using a single word or phrase."  # LLaVA-1.5 VQAv2/GQA suffix
 BLANK_COLOR = (128, 128, 128)  # mid-grey of --blank-images
 _DTYPES = ("float32", "bfloat16", "float16")
-IMAGE_POSITIONS = ("before", "after")  # the image placeholder's place relative to the question
+IMAGE_POSITIONS = ("before", "after")  # a VQA row's image placeholder, relative to its question
 
 
 @dataclass(frozen=True)
 class VqaSample:
-    """One evaluation question; ``image`` is a resolved path (or None for a text-only question)."""
+    """One evaluation question: a VQA row, or the last assistant turn of a training record.
+
+    ``images`` are resolved paths (or images embedded in a Hugging Face dataset) in placeholder order.
+    """
 
     question_id: str
-    question: str
-    image: str | None
+    question: str  # as in the data; a record's last user turn keeps its `<image>` placeholders
+    images: tuple[ImageRef, ...]
     answers: tuple[str, ...]
     source: str  # "file.jsonl#12", for error messages
     question_type: str | None = None  # VQA's `question_type`, when the file gives one
-
-
-def _read_rows(path: Path) -> list[tuple[dict[str, Any], str]]:
-    if not path.is_file():
-        raise FileNotFoundError(f"evaluation data `{path}` does not exist.")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix == ".jsonl":
-        rows = []
-        for number, line in enumerate(text.splitlines(), start=1):
-            if line.strip():
-                try:
-                    rows.append((json.loads(line), f"{path.name}#{number}"))
-                except json.JSONDecodeError as err:
-                    raise ValueError(f"{path.name} line {number} is not valid JSON: {err}") from err
-        return rows
-    data = json.loads(text)
-    if not isinstance(data, list):
-        raise ValueError(f"`{path}` must hold a JSON list of questions (or be .jsonl).")
-    return [(row, f"{path.name}#{index}") for index, row in enumerate(data)]
+    context: tuple[Turn, ...] = ()  # a record's turns before the question (system, user, assistant)
 
 
 def _answers_of(row: dict[str, Any], source: str) -> tuple[str, ...]:
@@ -102,42 +114,113 @@ def _answers_of(row: dict[str, Any], source: str) -> tuple[str, ...]:
     return tuple(str(a["answer"]) if isinstance(a, dict) else str(a) for a in raw)
 
 
+def _vqa_image(value: Any, root: Path, source: str) -> ImageRef:
+    """A VQA row's image: a path (relative ones joined to ``root``), or one embedded by `datasets`."""
+    if isinstance(value, dict) and value.get("bytes"):  # an undecoded datasets.Image value
+        return Image.open(io.BytesIO(value["bytes"]))
+    if isinstance(value, dict):
+        value = value.get("path")
+    if isinstance(value, Image.Image):
+        return value
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{source}: a VQA record's `image` is a path (or a list of paths).")
+    return str(root / value)  # an absolute path stays as it is
+
+
+def _vqa_row(row: dict[str, Any], source: str, root: Path) -> VqaSample:
+    qid = row.get("question_id", row.get("id"))
+    if qid is None:
+        raise ValueError(f"{source}: a VQA record needs `question_id` (or `id`).")
+    image = row.get("image")
+    paths = [] if image in (None, "") else image if isinstance(image, list) else [image]
+    images = tuple(_vqa_image(value, root, source) for value in paths)
+    qtype = row.get("question_type")
+    return VqaSample(
+        str(qid),
+        str(row["question"]),
+        images,
+        _answers_of(row, source),
+        source,
+        None if qtype is None else str(qtype),
+    )
+
+
+def _conversation_row(
+    row: dict[str, Any], source: str, image_folder: str | os.PathLike[str] | None, base: Path
+) -> VqaSample:
+    """The last assistant turn of a LLaVA / messages record, asked with every turn before it."""
+    if image_folder is None:  # relative to the data file, as `mllm train` resolves them
+        record = normalize_record(row, source, base, check_root=False)
+    else:
+        record = normalize_record(row, source, image_folder)
+    check_record_structure(record)  # ends with an assistant turn; one image per placeholder
+    *context, question, answer = record.turns
+    qtype = row.get("question_type")
+    return VqaSample(
+        record.id,
+        question.content,
+        record.images,
+        (answer.content,),
+        source,
+        None if qtype is None else str(qtype),
+        tuple(context),
+    )
+
+
 def load_vqa_samples(
     data: str | os.PathLike[str], image_folder: str | os.PathLike[str] | None = None, limit: int | None = None
 ) -> list[VqaSample]:
-    """Read a VQA json/jsonl file; relative image paths resolve against ``image_folder``, else the
-    data file's folder. ``limit`` keeps the first N questions."""
+    """Read every record of ``data`` (any file or folder `mllm train` reads) as a question.
+
+    A record with ``conversations`` or ``messages`` is a training record (its last assistant turn is
+    the reference, the turns before it the prompt); otherwise it is a VQA row with ``question`` and
+    ``answers``. Relative image paths resolve against ``image_folder``, else the data file's folder.
+    ``limit`` keeps the first N questions.
+    """
     path = Path(data)
-    root = Path(image_folder) if image_folder is not None else path.parent
+    if not path.exists():
+        raise FileNotFoundError(f"evaluation data `{path}` does not exist.")
+    base = (path if path.is_dir() else path.parent).absolute()
+    root = Path(image_folder) if image_folder is not None else base
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, got {limit}.")
     samples: list[VqaSample] = []
-    for row, source in _read_rows(path):
+    for row, source in read_raw_records(path):
         if limit is not None and len(samples) >= limit:
             break
-        if not isinstance(row, dict) or "question" not in row:
-            raise ValueError(f"{source}: a VQA record is an object with a `question`.")
-        qid = row.get("question_id", row.get("id"))
-        if qid is None:
-            raise ValueError(f"{source}: a VQA record needs `question_id` (or `id`).")
-        image = row.get("image")
-        if isinstance(image, list):
-            image = image[0] if len(image) == 1 else None
-            if image is None:
-                raise ValueError(f"{source}: a VQA record takes one image.")
-        resolved = None if image is None else str(Path(image) if os.path.isabs(image) else root / image)
-        qtype = row.get("question_type")
-        samples.append(
-            VqaSample(
-                str(qid),
-                str(row["question"]),
-                resolved,
-                _answers_of(row, source),
-                source,
-                None if qtype is None else str(qtype),
+        if isinstance(row, dict) and (
+            row.get("conversations") is not None or row.get("messages") is not None
+        ):
+            samples.append(_conversation_row(row, source, image_folder, base))
+        elif isinstance(row, dict) and "question" in row:
+            samples.append(_vqa_row(row, source, root))
+        else:
+            raise ValueError(
+                f"{source}: an evaluation record is a VQA row with a `question` and `answers`, or a training "
+                "record with `conversations` (LLaVA) or `messages`."
             )
-        )
     return samples
+
+
+def prompt_turns(
+    sample: VqaSample,
+    *,
+    image_token: str = IMAGE_PLACEHOLDER,
+    image_position: str = "before",
+    instruction: str | None = None,
+) -> list[Turn]:
+    """The conversation to answer: the sample's context and its question as the last user turn.
+
+    When no turn holds a placeholder (a VQA row), the sample's images go ``before`` or ``after`` the
+    question, one ``image_token`` each; ``instruction`` (when given) follows the question on a new line.
+    """
+    question = sample.question
+    if sample.images and not any(image_token in t.content for t in (*sample.context, Turn("user", question))):
+        marks = [image_token] * len(sample.images)
+        question = "\n".join([*marks, question] if image_position == "before" else [question, *marks])
+    if instruction:
+        question = f"{question}\n{instruction}"
+    return [*sample.context, Turn("user", question)]
 
 
 def blank_like(image: Image.Image) -> Image.Image:
@@ -146,11 +229,12 @@ def blank_like(image: Image.Image) -> Image.Image:
 
 
 def majority_baseline(answers: Sequence[Sequence[str]]) -> tuple[str, float]:
-    """The most frequent answer of the set (each question votes with its own most common normalised
-    answer) and the mean VQA accuracy of always answering it."""
+    """The most frequent answer of the set (each question votes with its own most common answer, as
+    written: the official VQA accuracy compares agreeing answers unnormalised) and the mean VQA
+    accuracy of always answering it."""
     if not answers:
         return "", 0.0
-    per_question = [Counter(normalize_answer(a) for a in refs).most_common(1)[0][0] for refs in answers]
+    per_question = [Counter(a.strip() for a in refs).most_common(1)[0][0] for refs in answers]
     answer = Counter(per_question).most_common(1)[0][0]
     return answer, sum(vqa_accuracy(answer, refs) for refs in answers) / len(answers)
 
@@ -180,10 +264,23 @@ def exact_match_by_type(samples: Sequence[VqaSample], predictions: Sequence[str]
 def _load_images(sample: VqaSample, blank: bool) -> list[Image.Image]:
     from mllm.data.images import load_image
 
-    if sample.image is None:
-        return []
-    image = load_image(sample.image, record_id=sample.question_id, source=sample.source)
-    return [blank_like(image) if blank else image]
+    images = []
+    for ref in sample.images:
+        image = load_image(ref, record_id=sample.question_id, source=sample.source)
+        if blank:
+            grey = blank_like(image)
+            image.close()
+            image = grey
+        images.append(image)
+    return images
+
+
+def _image_field(sample: VqaSample) -> str | list[str] | None:
+    """The images of a prediction row: a path (a list of them for several); embedded ones by source."""
+    names = [
+        ref if isinstance(ref, str) else f"{sample.source}:image[{i}]" for i, ref in enumerate(sample.images)
+    ]
+    return None if not names else names[0] if len(names) == 1 else names
 
 
 def run_vqa(
@@ -197,7 +294,7 @@ def run_vqa(
     template: str | None,
     limit: int | None,
     blank_images: bool,
-    instruction: str,
+    instruction: str | None = None,
     image_position: str = "before",
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
     """Answer every question of ``data``; returns prediction rows and metrics."""
@@ -206,17 +303,23 @@ def run_vqa(
     from mllm.inference.generate import build_generation_prompt, generate_answers
 
     samples = load_vqa_samples(data, image_folder, limit)
-    placeholder = processor.image_token
     rows: list[dict[str, Any]] = []
     with tqdm(total=len(samples), desc="eval vqa", unit="q") as progress:
         for start in range(0, len(samples), batch_size):
             batch = samples[start : start + batch_size]
-            prompts = []
-            for sample in batch:
-                image = [placeholder] if sample.image is not None else []
-                parts = [*image, sample.question] if image_position == "before" else [sample.question, *image]
-                parts += [instruction] if instruction else []
-                prompts.append(build_generation_prompt("\n".join(parts), processor.tokenizer, template))
+            prompts = [
+                build_generation_prompt(
+                    prompt_turns(
+                        sample,
+                        image_token=processor.image_token,
+                        image_position=image_position,
+                        instruction=instruction,
+                    ),
+                    processor.tokenizer,
+                    template,
+                )
+                for sample in batch
+            ]
             images = [_load_images(sample, blank_images) for sample in batch]
             predictions = generate_answers(
                 model, processor, prompts, images, max_new_tokens=max_new_tokens, batch_size=batch_size
@@ -228,12 +331,13 @@ def run_vqa(
                 {
                     "question_id": s.question_id,
                     "question": s.question,
-                    "image": s.image,
+                    "image": _image_field(s),
+                    "prompt": prompt,
                     "prediction": p,
                     "answers": list(s.answers),
                     **({"question_type": s.question_type} if s.question_type is not None else {}),
                 }
-                for s, p in zip(batch, predictions)
+                for s, prompt, p in zip(batch, prompts, predictions)
             )
             progress.update(len(batch))
     references = [s.answers for s in samples]
@@ -271,7 +375,7 @@ def evaluate_model(
     template: str | None = None,
     limit: int | None = None,
     blank_images: bool = False,
-    instruction: str = DEFAULT_VQA_INSTRUCTION,
+    instruction: str | None = None,
     image_position: str = "before",
 ) -> dict[str, float]:
     """`evaluate` on an already loaded model and processor."""
@@ -325,7 +429,7 @@ def evaluate(
     template: str | None = None,
     limit: int | None = None,
     blank_images: bool = False,
-    instruction: str = DEFAULT_VQA_INSTRUCTION,
+    instruction: str | None = None,
     image_position: str = "before",
     device: str | None = None,
     dtype: str | None = None,
@@ -377,7 +481,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("model", help="an output dir of `mllm train` (full weights or LoRA adapter)")
     parser.add_argument("--task", required=True, help=f"one of: {', '.join(TASKS.names())}")
-    parser.add_argument("--data", required=True, help="evaluation file (json or jsonl)")
+    parser.add_argument(
+        "--data",
+        required=True,
+        help="VQA rows or training records (LLaVA conversations, messages): json, jsonl, parquet or a "
+        "datasets folder",
+    )
     parser.add_argument(
         "--image-folder", default=None, help="root of relative image paths (default: the data file's folder)"
     )
@@ -394,13 +503,17 @@ def _parser() -> argparse.ArgumentParser:
         "--blank-images", action="store_true", help="replace every image by a mid-grey one (sanity check)"
     )
     parser.add_argument(
-        "--instruction", default=DEFAULT_VQA_INSTRUCTION, help='appended after the question ("" for none)'
+        "--instruction",
+        default=None,
+        help="text appended on a new line after each question (default: none, the question exactly as in "
+        f"the data); LLaVA-1.5's VQAv2/GQA suffix is {LLAVA_VQA_INSTRUCTION!r}",
     )
     parser.add_argument(
         "--image-position",
         default="before",
         choices=IMAGE_POSITIONS,
-        help="image placeholder before the question (LLaVA's eval prompts) or after it",
+        help="VQA rows only: the image placeholder before the question (LLaVA's eval prompts) or after "
+        "it; training records keep their <image> where it stands",
     )
     parser.add_argument(
         "--dtype",

@@ -14,24 +14,30 @@ import torch
 from PIL import Image
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
+from mllm.data.formats import Turn
+
 __all__ = ["build_generation_prompt", "generate_answers"]
 
 
 def build_generation_prompt(
-    question_with_image: str, tokenizer: PreTrainedTokenizerBase, template: str | None
+    turns: str | Sequence[Turn], tokenizer: PreTrainedTokenizerBase, template: str | None
 ) -> str:
-    """The chat prompt of one user turn, rendered up to where the assistant's answer starts.
+    """The chat prompt of a conversation that ends with a user turn, rendered up to where the
+    assistant's answer starts.
 
-    ``template=None`` (or ``"auto"``) uses the tokenizer's own chat template with
-    ``add_generation_prompt=True``; a named template (``mllm.data.templates.TEMPLATES``) is rendered
-    with an empty assistant turn and cut where the supervised answer would begin, so the prompt is
-    exactly the prefix the model saw in training. Trailing spaces are dropped (``"ASSISTANT: "`` ->
-    ``"ASSISTANT:"``, as LLaVA prompts), so the answer's first word keeps its leading-space token.
+    ``turns`` is the conversation so far (system, user and assistant turns, the last one the user's)
+    or, for one user turn, its text. ``template=None`` (or ``"auto"``) uses the tokenizer's own chat
+    template with ``add_generation_prompt=True``; a named template (``mllm.data.templates.TEMPLATES``)
+    is rendered with an empty assistant turn appended and cut where that turn's supervised answer
+    would begin, so the prompt is exactly the prefix the model saw in training. Trailing spaces are
+    dropped (``"ASSISTANT: "`` -> ``"ASSISTANT:"``, as LLaVA prompts), so the answer's first word keeps
+    its leading-space token.
     """
-    from mllm.data.formats import Turn
     from mllm.data.templates import TEMPLATES, render
 
-    user = {"role": "user", "content": question_with_image}
+    conversation = [Turn("user", turns)] if isinstance(turns, str) else list(turns)
+    if not conversation or conversation[-1].role != "user":
+        raise ValueError("a generation prompt needs turns that end with a user turn.")
     if template in (None, "auto"):
         if not getattr(tokenizer, "chat_template", None):
             named = ", ".join(n for n in TEMPLATES.names() if n != "auto")
@@ -39,10 +45,17 @@ def build_generation_prompt(
                 f"the tokenizer has no chat_template, so template=None cannot build the prompt; pass the "
                 f"template the model was trained with, one of: {named}."
             )
-        return tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
-    rendered = render([Turn("user", question_with_image), Turn("assistant", "")], tokenizer, template)
-    if not rendered.spans:
-        raise ValueError(f"template `{template}` marks no assistant span, so the answer start is unknown.")
+        messages = [{"role": t.role, "content": t.content} for t in conversation]
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    rendered = render([*conversation, Turn("assistant", "")], tokenizer, template)
+    question = conversation[-1].content
+    found = rendered.text.rfind(question) if question else -1  # `plain` drops the question's text
+    question_end = found + len(question) if found >= 0 else 0
+    if not rendered.spans or rendered.spans[-1][0] < question_end:
+        raise ValueError(
+            f"template `{template}` marks no assistant span after the last user turn, so the answer start "
+            "is unknown."
+        )
     return rendered.text[: rendered.spans[-1][0]].rstrip(" ")
 
 
