@@ -368,3 +368,101 @@ def test_instruction_flag_defaults_to_none() -> None:
     )
     assert given.instruction == LLAVA_VQA_INSTRUCTION
     assert "LLaVA-1.5" in parser.format_help()
+
+
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 230, 20)}
+
+
+def _colour_records(folder: Path, n: int, seed: int) -> list[dict]:
+    """LLaVA records about one-colour pictures, the image after the question as data_tools.synth puts
+    it; every other record goes on with a yes/no question that needs the picture and the first turn."""
+    import random
+
+    rng = random.Random(seed)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    records = []
+    for i in range(n):
+        name = rng.choice(sorted(COLORS))
+        color = tuple(min(255, max(0, v + rng.randint(-20, 20))) for v in COLORS[name])
+        Image.new("RGB", (48, 48), color).save(folder / "images" / f"{seed}-{i}.png")
+        turns = [("What color is the picture?\n<image>", name)]
+        if i % 2:
+            asked = rng.choice(sorted(COLORS))
+            turns.append((f"Is it {asked}?", "yes" if asked == name else "no"))
+        conversations = [{"from": w, "value": v} for q, a in turns for w, v in (("human", q), ("gpt", a))]
+        records.append(
+            {"id": f"{seed}-{i}", "image": f"images/{seed}-{i}.png", "conversations": conversations}
+        )
+    return records
+
+
+def test_eval_of_a_model_trained_on_llava_records_scores_what_its_answers_deserve(
+    tiny_components: dict[str, Path], tmp_path: Path
+) -> None:
+    """`mllm train` on a LLaVA file, then `mllm eval RUN --task vqa --data TEST.json` typed with its
+    defaults on the same format: every prompt is what training showed before the last answer (no
+    suffix, earlier turns as context), and the accuracy is the exact-match rate of its answers."""
+    import subprocess
+    import sys
+
+    from mllm.config import build_run_config
+    from mllm.data.formats import load_records
+    from mllm.data.templates import render
+    from mllm.models import MllmProcessor
+    from mllm.training.stages import train
+
+    data = tmp_path / "data"
+    (data / "images").mkdir(parents=True)
+    (data / "train.json").write_text(json.dumps(_colour_records(data, 64, seed=0)))
+    (data / "test.json").write_text(json.dumps(_colour_records(data, 24, seed=1)))
+    run = tmp_path / "run"
+    overrides = [
+        f"vision_tower={tiny_components['clip-vision']}",
+        f"model_name_or_path={tiny_components['llama']}",
+        f"data_path={data / 'train.json'}",
+        f"output_dir={run}",
+        "tune_llm=full",
+        "max_steps=60",
+        "per_device_train_batch_size=8",
+        "learning_rate=2e-3",
+        "lr_scheduler_type=constant",
+        "save_steps=1000",
+        "use_cpu=true",
+        "disable_tqdm=true",
+        "report_to=none",
+    ]
+    train(build_run_config(None, overrides))  # what `mllm train key=value ...` runs
+
+    out = tmp_path / "eval"
+    command = [
+        sys.executable,
+        "-m",
+        "mllm",
+        "eval",
+        str(run),
+        "--task",
+        "vqa",
+        "--data",
+        str(data / "test.json"),
+    ]
+    done = subprocess.run([*command, "--output", str(out)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert json.loads(done.stdout[done.stdout.index("{") :]) == metrics
+
+    records = load_records(data / "test.json", bad_data="strict")[0]
+    rows = _read_jsonl(out / "predictions.jsonl")
+    assert [r["question_id"] for r in rows] == [r.id for r in records]
+    tokenizer = MllmProcessor.from_pretrained(str(run)).tokenizer
+    for row, record in zip(rows, records):
+        trained = render(record.turns, tokenizer, None)  # the run recorded template: null
+        assert row["prompt"] == trained.text[: trained.spans[-1][0]]
+        assert row["answers"] == [record.turns[-1].content]
+    assert sum(len(r.turns) == 4 for r in records) == 12  # half the answers need the earlier turns
+
+    deserved = sum(r["prediction"] == r["answers"][0] for r in rows) / len(rows)
+    assert metrics["num_samples"] == 24
+    assert metrics["exact_match"] == pytest.approx(deserved)
+    assert metrics["vqa_accuracy"] == pytest.approx(deserved)  # one reference answer: exact match
+    print(f"exact match {deserved:.3f}, majority baseline {metrics['majority_baseline']:.3f}")
+    assert deserved >= 0.6 and metrics["majority_baseline"] < deserved - 0.2, metrics

@@ -100,3 +100,25 @@ def test_generation_prompt_templates(tiny_model, tiny_components: dict[str, Path
     gpt2 = AutoTokenizer.from_pretrained(tiny_components["gpt2"])
     with pytest.raises(ValueError, match="no chat_template"):
         build_generation_prompt("q", gpt2, None)
+
+
+def test_generation_prompt_of_a_conversation_is_the_training_prefix(tiny_model) -> None:
+    """Context turns (system, user, assistant) and the last user turn render as `mllm train` renders
+    them, cut where the last answer starts; a single string is the same as one user turn."""
+    from mllm.data.formats import Turn
+    from mllm.data.templates import render
+
+    _, processor = tiny_model
+    tok = processor.tokenizer
+    context = [Turn("system", "Be brief."), Turn("user", "<image>\nwhat shape?"), Turn("assistant", "circle")]
+    question = Turn("user", "and its color?")
+    for template in (None, "vicuna_v1", "llama3", "chatml"):
+        prompt = build_generation_prompt([*context, question], tok, template)
+        trained = render([*context, question, Turn("assistant", "red")], tok, template)
+        assert prompt == trained.text[: trained.spans[-1][0]].rstrip(" "), template
+        assert "circle" in prompt and "Be brief." in prompt
+        assert build_generation_prompt([question], tok, template) == build_generation_prompt(
+            question.content, tok, template
+        )
+    with pytest.raises(ValueError, match="end with a user turn"):
+        build_generation_prompt([*context], tok, "vicuna_v1")
