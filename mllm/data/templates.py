@@ -14,11 +14,15 @@ means the same): the tokenizer's own ``chat_template``.
 
 from __future__ import annotations
 
+import logging
+import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
+from jinja2 import TemplateError
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from mllm.data.formats import IMAGE_PLACEHOLDER, Turn
@@ -29,6 +33,7 @@ __all__ = [
     "TEMPLATES",
     "RenderedChat",
     "Template",
+    "close_with_end_of_turn",
     "get_template",
     "render",
     "render_and_mask",
@@ -37,6 +42,8 @@ __all__ = [
 ]
 
 IGNORE_INDEX = -100  # label of every token the loss ignores
+
+logger = logging.getLogger(__name__)
 
 VICUNA_SYSTEM = (
     "A chat between a curious human and an artificial intelligence assistant. "
@@ -51,6 +58,7 @@ class RenderedChat:
 
     text: str
     spans: tuple[tuple[int, int], ...]
+    unclosed: int = 0  # assistant spans that no end-of-turn token closes (the model cannot learn to stop)
 
 
 class Template(Protocol):
@@ -162,30 +170,85 @@ TEMPLATES.add("chatml", chatml)
 
 @TEMPLATES.register("auto")
 def auto(turns: Sequence[Turn], tokenizer: PreTrainedTokenizerBase) -> RenderedChat:
-    """The tokenizer's own ``chat_template``; assistant messages are located in the rendered text.
+    """The tokenizer's own ``chat_template``; the assistant messages are located in the rendered text.
 
-    Each assistant span starts where the conversation rendered up to the previous turn with
-    ``add_generation_prompt=True`` ends (when that render is a prefix of the full one), else after
-    the previous turn's content; it covers the message and a special token right after it (EOS,
-    ``<|eot_id|>``, ``<|im_end|>``, ...).
+    A template with ``{% generation %}`` blocks marks them itself: transformers'
+    ``return_assistant_tokens_mask`` gives the spans. Otherwise each assistant message is searched
+    for after the conversation rendered up to it with ``add_generation_prompt=True`` (when that
+    render is a prefix of the full one), else after the previous message. Either way each span is
+    then closed with its end-of-turn token (see :func:`close_with_end_of_turn`).
     """
-    if not getattr(tokenizer, "chat_template", None):
+    chat_template = getattr(tokenizer, "chat_template", None)
+    if not chat_template:
         raise ValueError(
             "the tokenizer has no chat_template, so template=None/'auto' cannot render the chat; pass "
             f"a named template, one of: {', '.join(n for n in TEMPLATES.names() if n != 'auto')}."
         )
     messages = [{"role": t.role, "content": t.content} for t in turns]
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
-    specials = sorted(
-        {tok for tok in tokenizer.all_special_tokens if tok and tok != IMAGE_PLACEHOLDER},
-        key=len,
-        reverse=True,
+    chat = _ChatRenderer(tokenizer, messages)
+    text = chat.render(len(messages))
+    if _GENERATION_BLOCK.search(chat_template):
+        content_spans = _generation_spans(tokenizer, messages, text)
+        boundaries: list[int | None] = [None] * len(content_spans)
+    else:
+        content_spans, boundaries = _locate_assistant_messages(chat, turns, text)
+    specials = _special_tokens(tokenizer)
+    headers = chat.header_tokens(specials)
+    spans = tuple(
+        close_with_end_of_turn(text, span, specials, headers, boundary)
+        for span, boundary in zip(content_spans, boundaries)
     )
+    unclosed = sum(not _ends_with_special(text, span, specials) for span in spans)
+    return RenderedChat(text, spans, unclosed)
+
+
+_GENERATION_BLOCK = re.compile(r"\{%-?\s*generation\s*-?%\}")
+
+
+class _ChatRenderer:
+    """Renders prefixes of one conversation with the tokenizer's template, memoised, with template
+    errors (a role the template refuses, ...) turned into ``ValueError``."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]]) -> None:
+        self.tokenizer = tokenizer
+        self.messages = messages
+        self._cache: dict[tuple[int, bool], str] = {}
+
+    def render(self, n: int, add_generation_prompt: bool = False) -> str:
+        key = (n, add_generation_prompt)
+        if key not in self._cache:
+            try:
+                self._cache[key] = self.tokenizer.apply_chat_template(
+                    self.messages[:n], tokenize=False, add_generation_prompt=add_generation_prompt
+                )
+            except TemplateError as err:
+                raise ValueError(f"the tokenizer's chat template refused the conversation: {err}") from err
+        return self._cache[key]
+
+    def header_tokens(self, specials: Sequence[str]) -> frozenset[str]:
+        """Special tokens of the generation prompt (``<|im_start|>``, ``<|start_header_id|>``, ...):
+        they open the next turn, so they never close an assistant message."""
+        first = 1 if self.messages else 0
+        try:
+            with_prompt, without = self.render(first, True), self.render(first, False)
+        except ValueError:
+            return frozenset()
+        common = len(os.path.commonprefix([with_prompt, without]))
+        prompt = with_prompt[common:]
+        return frozenset(s for s in specials if s in prompt)
+
+
+def _locate_assistant_messages(
+    chat: _ChatRenderer, turns: Sequence[Turn], text: str
+) -> tuple[list[tuple[int, int]], list[int | None]]:
+    """Character spans of the assistant messages' content in ``text``, and for each the end of its
+    turn where the template shows it (the render up to that message, when it is a prefix of ``text``)."""
     spans: list[tuple[int, int]] = []
+    boundaries: list[int | None] = []
     cursor = 0
     for i, turn in enumerate(turns):
         if turn.role == "assistant":
-            prefix = tokenizer.apply_chat_template(messages[:i], tokenize=False, add_generation_prompt=True)
+            prefix = chat.render(i, add_generation_prompt=True)
             if text.startswith(prefix):
                 cursor = max(cursor, len(prefix))
         content = turn.content if turn.content in text[cursor:] else turn.content.strip()
@@ -197,10 +260,74 @@ def auto(turns: Sequence[Turn], tokenizer: PreTrainedTokenizerBase) -> RenderedC
             )
         end = start + len(content)
         if turn.role == "assistant":
-            end += next((len(s) for s in specials if text.startswith(s, end)), 0)
+            through = chat.render(i + 1)
             spans.append((start, end))
+            boundaries.append(len(through) if text.startswith(through) and len(through) >= end else None)
         cursor = end
-    return RenderedChat(text, tuple(spans))
+    return spans, boundaries
+
+
+def _generation_spans(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], text: str
+) -> list[tuple[int, int]]:
+    """The character spans that the template's ``{% generation %}`` blocks mark, read from
+    transformers' ``return_assistant_tokens_mask`` (one span per run of marked tokens)."""
+    try:
+        out = tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+    except TemplateError as err:
+        raise ValueError(f"the tokenizer's chat template refused the conversation: {err}") from err
+    offsets = out.encodings[0].offsets
+    spans: list[tuple[int, int]] = []
+    previous = False
+    for marked, (start, end) in zip(out["assistant_masks"], offsets):
+        if marked and previous:
+            spans[-1] = (spans[-1][0], end)
+        elif marked:
+            spans.append((start, end))
+        previous = bool(marked)
+    return [(start, end) for start, end in spans if text[start:end].strip()]
+
+
+def _special_tokens(tokenizer: PreTrainedTokenizerBase) -> list[str]:
+    """Every special token but the image placeholder, longest first (so ``<|im_end|>`` wins over a prefix)."""
+    added = (t.content for t in tokenizer.added_tokens_decoder.values() if getattr(t, "special", False))
+    names = {tok for tok in (*tokenizer.all_special_tokens, *added) if tok and tok != IMAGE_PLACEHOLDER}
+    return sorted(names, key=len, reverse=True)
+
+
+def close_with_end_of_turn(
+    text: str,
+    span: tuple[int, int],
+    specials: Sequence[str],
+    headers: frozenset[str] = frozenset(),
+    boundary: int | None = None,
+) -> tuple[int, int]:
+    """Extend an assistant message's span over the end-of-turn token that closes it.
+
+    That token is the first special token after the message, past whitespace-only text (Llama-2's
+    ``answer </s>``, Phi-3-style ``6 <|end|>``), unless it opens the next turn (a token of the
+    generation prompt) or lies past the turn's ``boundary``. The whitespace before it is supervised
+    too: the model has to produce it to reach the end token. A span that already ends with a special
+    token (a ``{% generation %}`` block that holds it) is kept as it is. With no such token the span
+    stays the message alone, and the model cannot learn to stop there (logged once per template).
+    """
+    start, end = span
+    if _ends_with_special(text, span, specials):
+        return span
+    position = end
+    while position < len(text) and text[position].isspace():
+        position += 1
+    token = next((s for s in specials if text.startswith(s, position)), None)
+    if token is None or token in headers or (boundary is not None and position + len(token) > boundary):
+        return span
+    return start, position + len(token)
+
+
+def _ends_with_special(text: str, span: tuple[int, int], specials: Sequence[str]) -> bool:
+    start, end = span
+    return any(len(s) <= end - start and text.startswith(s, end - len(s)) for s in specials)
 
 
 def get_template(name: str | None) -> Template:
@@ -259,6 +386,14 @@ def render_and_mask_batch(
     rendered = [fn(turns, tokenizer) for turns in conversations]
     if not rendered:
         return []
+    unclosed = sum(r.unclosed for r in rendered)
+    if unclosed:
+        logger.warning(
+            "%d assistant message(s) in %d conversation(s) end with no special token in the chat template, so "
+            "no end-of-turn token is supervised after them and the model may not learn to stop.",
+            unclosed,
+            len(rendered),
+        )
     image_id = _image_token_id(tokenizer)
     out = [
         (ids, _mask(r, ids, offsets, image_id))
