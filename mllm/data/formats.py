@@ -27,6 +27,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from mllm.data.errors import BadRecordError
+from mllm.messages import flatten_content
 
 __all__ = [
     "IMAGE_PLACEHOLDER",
@@ -259,24 +260,12 @@ def _message_turns(messages: Any, bad: Callable[[str, str], BadRecordError]) -> 
             continue
         if not isinstance(content, list):
             raise bad("bad_schema", f"messages[{i}].content must be a string or a list of parts")
-        pieces = []
-        for j, part in enumerate(content):
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "text" and isinstance(part.get("text"), str):
-                pieces.append(part["text"])
-            elif kind in ("image", "image_url"):
-                pieces.append(IMAGE_PLACEHOLDER)
-                inline = part.get("image")
-                if inline is None and isinstance(part.get("image_url"), dict):
-                    inline = part["image_url"].get("url")
-                if inline is not None:
-                    images.append(inline)
-            else:
-                raise bad(
-                    "bad_schema",
-                    f"messages[{i}].content[{j}] must be {{'type': 'text', 'text': str}} or {{'type': 'image'}}",
-                )
-        turns.append(Turn(role, "\n".join(pieces)))
+        try:
+            text, inline = flatten_content(content, IMAGE_PLACEHOLDER)
+        except ValueError as err:
+            raise bad("bad_schema", f"messages[{i}].{err}") from None
+        turns.append(Turn(role, text))
+        images.extend(inline)
     return turns, images
 
 
