@@ -6,10 +6,13 @@ Works with pillow alone: image processors are loaded with the PIL backend, never
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, BatchFeature, ProcessorMixin
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from mllm.messages import flatten_messages
 
 __all__ = ["MllmProcessor", "ensure_image_token", "count_placeholders"]
 
@@ -145,6 +148,64 @@ class MllmProcessor(ProcessorMixin):
                     )
             return [image for group in images for image in group]
         return images
+
+    def apply_chat_template(
+        self,
+        conversation: list[dict[str, Any]] | list[list[dict[str, Any]]],
+        chat_template: str | None = None,
+        *,
+        add_generation_prompt: bool = False,
+        tokenize: bool = False,
+        return_dict: bool = False,
+        return_tensors: str | None = "pt",
+        images: Sequence[Image.Image] | Sequence[Sequence[Image.Image]] | None = None,
+        **kwargs: Any,
+    ) -> str | list[str] | BatchFeature | Any:
+        """Render transformers-style multimodal messages with the LLM's own chat template.
+
+        Content may be a string or a list of parts (``{"type": "image"}``, ``{"type": "text", ...}``):
+        parts become one string with the image placeholder where each image part stands
+        (`mllm.messages.flatten_content`), so templates that render ``message['content']`` as a
+        string (ChatML, Llama, Phi-3, Gemma, ...) accept them, as training does. With ``tokenize``
+        the prompt goes through ``self(...)`` with the images the parts carry inline (PIL images,
+        paths or URLs, loaded with transformers' ``load_image``); ``return_dict`` returns the whole
+        ``BatchFeature`` instead of ``input_ids``. ``images`` (in placeholder order; one list per
+        conversation when batched) replaces the inline ones, for image parts that carry none.
+        """
+        batched = bool(conversation) and isinstance(conversation[0], (list, tuple))
+        conversations = list(conversation) if batched else [conversation]
+        flattened = [flatten_messages(messages, self.image_token) for messages in conversations]
+        template = chat_template if chat_template is not None else self.chat_template
+        prompts = [
+            self.tokenizer.apply_chat_template(
+                messages,
+                chat_template=template,
+                tokenize=False,
+                add_generation_prompt=add_generation_prompt,
+                **kwargs,
+            )
+            for messages, _ in flattened
+        ]
+        if not tokenize:
+            return prompts if batched else prompts[0]
+        if images is not None:
+            return_value = self(
+                text=prompts if batched else prompts[0], images=images, return_tensors=return_tensors
+            )
+            return return_value if return_dict else return_value["input_ids"]
+        from transformers.image_utils import load_image
+
+        images = [
+            [image if isinstance(image, Image.Image) else load_image(image) for image in found]
+            for _, found in flattened
+        ]
+        has_images = any(images)
+        out = self(
+            text=prompts if batched else prompts[0],
+            images=(images if batched else images[0]) if has_images else None,
+            return_tensors=return_tensors,
+        )
+        return out if return_dict else out["input_ids"]
 
     def batch_decode(self, *args, **kwargs) -> list[str]:
         return self.tokenizer.batch_decode(*args, **kwargs)
