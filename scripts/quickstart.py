@@ -8,6 +8,11 @@ text (the image placeholders removed) -> stage 1 (connector only, LLM frozen) ->
 LoRA) -> exact-match accuracy on the held-out test split, the same model with blank images (proof
 that the image flows through the connector), and one example.
 Each step is one call; the recipes in recipes/tiny/ hold the hyper-parameters.
+
+The blank-image check: blind, the model can know no more than the question gives away, so its
+blank-image accuracy must stay within BLANK_IMAGE_MARGIN of the question-type prior (each type's
+most common answer, the VQA paper's per-Q-type prior). The job prints both baselines and a PASS or
+FAIL line, and exits 1 when the check fails (after printing everything).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ __all__ = ["main"]
 RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "tiny"
 # Wider than the test components: the main job has to learn the shapes world, not only run.
 MAIN_JOB_SIZES = TinySizes(vision_hidden=64, llm_hidden=128, llm_layers=4)
+BLANK_IMAGE_MARGIN = 0.05  # blank-image exact match may exceed the question-type prior by 5 points at most
 
 
 @dataclass
@@ -162,7 +168,6 @@ def main(argv: list[str] | None = None) -> int:
         data=str(work / "data" / "vqa_test.jsonl"),
         image_folder=str(work / "data"),
         batch_size=32,
-        instruction="",  # synth questions carry no short-answer suffix
         image_position="after",  # as in data_tools.synth's stage-2 conversations
     )
     t = time.perf_counter()
@@ -192,7 +197,23 @@ def main(argv: list[str] | None = None) -> int:
         f"example: {example['question']!r} -> {example['prediction']!r} (expected {example['answers'][0]!r})"
     )
     print(f"total time: {time.perf_counter() - started:.0f}s; model: {stage2_dir}")
-    return 0
+    passed = _blank_image_check(blank["exact_match"], metrics["question_type_prior"])
+    return 0 if passed else 1
+
+
+def _blank_image_check(blank: float, prior: float, margin: float = BLANK_IMAGE_MARGIN) -> bool:
+    """Print and return whether blank-image accuracy <= question-type prior + ``margin``."""
+    bound = prior + margin
+    passed = blank <= bound
+    figures = (
+        f"blank-image exact match {100 * blank:.1f}% {'<=' if passed else '>'} question-type prior "
+        f"{100 * prior:.1f}% + {100 * margin:.0f} points = {100 * bound:.1f}%"
+    )
+    if passed:
+        print(f"PASS: {figures}")
+    else:
+        print(f"FAIL: {figures}: blind, the model knows more than the question gives away")
+    return passed
 
 
 if __name__ == "__main__":
