@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from mllm.data.formats import Turn
-from mllm.data.templates import IGNORE_INDEX, _encode, render, render_and_mask
+from mllm.data.templates import IGNORE_INDEX, _encode, end_of_turn_token_ids, render, render_and_mask
 from mllm.models.processing_mllm import ensure_image_token
 from tests.chat_templates import FAMILIES, TOKENIZER_KINDS, Family, tokenizer_for
 
@@ -153,3 +153,12 @@ def test_the_next_turns_header_never_closes_an_answer():
     turns = (Turn("user", "what?"), Turn("assistant", "red"), Turn("user", "and?"), Turn("assistant", "blue"))
     _, runs = supervised_runs(turns, tokenizer)
     assert [run.strip() for run, _ in runs] == ["red", "blue"]
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=[f.name for f in FAMILIES])
+def test_generation_stops_on_the_supervised_end_token(family, tokenizers):
+    """`end_of_turn_token_ids` is what generation stops on: the end token first, then EOS."""
+    tokenizer = tokenizers[family.name, "bpe"]
+    ids = end_of_turn_token_ids(tokenizer, None)
+    assert ids[0] == tokenizer.convert_tokens_to_ids(family.end_token)
+    assert tokenizer.eos_token_id in ids

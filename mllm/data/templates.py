@@ -34,6 +34,7 @@ __all__ = [
     "RenderedChat",
     "Template",
     "close_with_end_of_turn",
+    "end_of_turn_token_ids",
     "get_template",
     "render",
     "render_and_mask",
@@ -328,6 +329,25 @@ def close_with_end_of_turn(
 def _ends_with_special(text: str, span: tuple[int, int], specials: Sequence[str]) -> bool:
     start, end = span
     return any(len(s) <= end - start and text.startswith(s, end - len(s)) for s in specials)
+
+
+def end_of_turn_token_ids(tokenizer: PreTrainedTokenizerBase, template: str | None) -> list[int]:
+    """Ids of the special tokens that close assistant messages under ``template`` (found by rendering
+    a two-turn probe chat), then EOS: what generation should stop on. A template that closes turns
+    with ``<|end|>`` or ``<|im_end|>`` while EOS is another token otherwise runs to ``max_new_tokens``."""
+    probe = (Turn("user", "hi"), Turn("assistant", "ok"), Turn("user", "and?"), Turn("assistant", "no"))
+    rendered = render(probe, tokenizer, template)
+    specials = _special_tokens(tokenizer)
+    ids: list[int] = []
+    for start, end in rendered.spans:
+        token = next(
+            (s for s in specials if len(s) <= end - start and rendered.text.startswith(s, end - len(s))), None
+        )
+        if token is not None:
+            ids.append(tokenizer.convert_tokens_to_ids(token))
+    if tokenizer.eos_token_id is not None:
+        ids.append(tokenizer.eos_token_id)
+    return list(dict.fromkeys(ids))
 
 
 def get_template(name: str | None) -> Template:
