@@ -477,7 +477,10 @@ def evaluate(
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mllm eval",
-        description="Evaluate a trained model; writes predictions.jsonl and metrics.json.",
+        description="Evaluate a trained model; writes predictions.jsonl (with the prompt sent) and "
+        "metrics.json. The prompt asks exactly what the data asks. A training record (LLaVA conversations, "
+        "messages) is scored on its last assistant turn, asked with every earlier turn as context and its "
+        "<image> placeholders where they stand.",
     )
     parser.add_argument("model", help="an output dir of `mllm train` (full weights or LoRA adapter)")
     parser.add_argument("--task", required=True, help=f"one of: {', '.join(TASKS.names())}")
