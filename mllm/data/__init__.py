@@ -1,42 +1,49 @@
-"""The data layer: records -> templates -> dataset -> collator / sampler (see DESIGN.md, "Data flow")."""
+"""The data layer: records -> templates -> dataset -> collator / sampler (see DESIGN.md, "Data flow").
+
+Names are imported on first use, so `import mllm.data.formats` (the data tools) does not pull torch
+in through `mllm.data.collator` or `mllm.data.dataset`.
+"""
 
 from __future__ import annotations
 
-from mllm.data.collator import MllmCollator, PackingCollator
-from mllm.data.dataset import (
-    SkipReport,
-    SupervisedDataset,
-    build_dataset,
-    expand_image_tokens,
-    write_skip_report,
-)
-from mllm.data.errors import BAD_DATA_REASONS, BadRecordError
-from mllm.data.formats import (
-    IMAGE_PLACEHOLDER,
-    ImageRef,
-    Record,
-    Turn,
-    check_record_structure,
-    load_records,
-    normalize_record,
-    read_raw_records,
-    record_to_llava,
-    save_json,
-    save_jsonl,
-)
-from mllm.data.images import load_image, to_rgb
-from mllm.data.sampler import ModalityLengthGroupedSampler, modality_length_grouped_indices
-from mllm.data.templates import (
-    IGNORE_INDEX,
-    TEMPLATES,
-    RenderedChat,
-    Template,
-    get_template,
-    render,
-    render_and_mask,
-    render_and_mask_batch,
-    show_supervision,
-)
+import importlib
+from typing import Any
+
+_LAZY = {
+    "MllmCollator": "mllm.data.collator",
+    "PackingCollator": "mllm.data.collator",
+    "SkipReport": "mllm.data.dataset",
+    "SupervisedDataset": "mllm.data.dataset",
+    "build_dataset": "mllm.data.dataset",
+    "expand_image_tokens": "mllm.data.dataset",
+    "write_skip_report": "mllm.data.dataset",
+    "BAD_DATA_REASONS": "mllm.data.errors",
+    "BadRecordError": "mllm.data.errors",
+    "IMAGE_PLACEHOLDER": "mllm.data.formats",
+    "ImageRef": "mllm.data.formats",
+    "Record": "mllm.data.formats",
+    "Turn": "mllm.data.formats",
+    "check_record_structure": "mllm.data.formats",
+    "load_records": "mllm.data.formats",
+    "normalize_record": "mllm.data.formats",
+    "read_raw_records": "mllm.data.formats",
+    "record_to_llava": "mllm.data.formats",
+    "save_json": "mllm.data.formats",
+    "save_jsonl": "mllm.data.formats",
+    "load_image": "mllm.data.images",
+    "to_rgb": "mllm.data.images",
+    "ModalityLengthGroupedSampler": "mllm.data.sampler",
+    "modality_length_grouped_indices": "mllm.data.sampler",
+    "IGNORE_INDEX": "mllm.data.templates",
+    "TEMPLATES": "mllm.data.templates",
+    "RenderedChat": "mllm.data.templates",
+    "Template": "mllm.data.templates",
+    "get_template": "mllm.data.templates",
+    "render": "mllm.data.templates",
+    "render_and_mask": "mllm.data.templates",
+    "render_and_mask_batch": "mllm.data.templates",
+    "show_supervision": "mllm.data.templates",
+}
 
 __all__ = [
     "BAD_DATA_REASONS",
@@ -73,3 +80,9 @@ __all__ = [
     "to_rgb",
     "write_skip_report",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
