@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import torch
 import yaml
-from transformers import TrainingArguments
+
+if typing.TYPE_CHECKING:
+    from transformers import TrainingArguments
 
 __all__ = [
     "ModelArguments",
@@ -30,6 +31,9 @@ __all__ = [
     "parse_overrides",
     "load_recipe",
     "build_run_config",
+    "DEEPSPEED_CONFIGS",
+    "resolve_deepspeed",
+    "shipped_recipes_dir",
 ]
 
 TuneMode = Literal["frozen", "full", "lora", "qlora"]
@@ -77,7 +81,7 @@ class DataArguments:
     image_folder: str | None = None  # root that relative image paths resolve against
     eval_data_path: str | None = None  # optional evaluation split, same formats
     model_max_length: int = 2048  # tokens per sample, image tokens included
-    template: str | None = None  # chat template name; None = the tokenizer's own chat template
+    template: str | None = None  # chat template name; None (or auto) = the tokenizer's own chat template
     bad_data: Literal["skip", "strict"] = "skip"  # skip and count bad records, or stop at the first
     truncation: Literal["drop", "cut_text"] = (
         "drop"  # a sample too long: drop it, or cut text after its images
@@ -98,23 +102,73 @@ class RunConfig:
 _OURS = (ModelArguments, TuningArguments, DataArguments)
 
 
+class YamlWord(str):
+    """A YAML 1.1 boolean word (``no``, ``yes``, ``on``, ``off``, ``true``, ``false``) as written.
+
+    The field it is given to decides: a ``bool`` field reads it as the boolean, a string or choice
+    field as the word itself (``save_strategy: no`` is the string ``"no"``, not ``False``).
+    """
+
+    @property
+    def as_bool(self) -> bool:
+        return self.lower() in ("yes", "y", "true", "on")
+
+
+class _RecipeLoader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that keeps boolean words as `YamlWord` until the field's type is known."""
+
+
+def _construct_word(loader: yaml.SafeLoader, node: yaml.ScalarNode) -> YamlWord:
+    return YamlWord(loader.construct_scalar(node))
+
+
+_RecipeLoader.add_constructor("tag:yaml.org,2002:bool", _construct_word)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def plain(value: Any) -> Any:
+    """``value`` with every `YamlWord` turned into the boolean it spells (lists included)."""
+    if isinstance(value, YamlWord):
+        return value.as_bool
+    if isinstance(value, list):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return value
+
+
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
-    """``["learning_rate=1e-3", "tune_llm=lora"]`` -> typed values (YAML scalars)."""
+    """``["learning_rate=1e-3", "tune_llm=lora"]`` -> values read as YAML scalars (boolean words kept
+    as written until the field's type decides, see `YamlWord`)."""
     out: dict[str, Any] = {}
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override `{item}` is not of the form key=value.")
-        out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            out[key.strip()] = _load_yaml(raw) if raw.strip() else None
+        except yaml.YAMLError as err:
+            raise ConfigError(f"override `{item}`: the value is not a YAML scalar: {err}") from err
     return out
 
 
 def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
+    """The flat mapping of a recipe YAML, values as `plain` YAML (``no`` is False here; only
+    `build_run_config` reads a boolean word as the string a string field needs)."""
+    return {k: plain(v) for k, v in _read_recipe(path).items()}
+
+
+def _read_recipe(path: str | os.PathLike) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"recipe `{path}` does not exist.")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = _load_yaml(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"recipe `{path}` is not UTF-8 text (byte {err.start}).") from err
     except yaml.YAMLError as err:
         raise ConfigError(f"recipe `{path}` is not valid YAML: {err}") from err
     if not isinstance(data, dict):
@@ -129,6 +183,47 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+# `deepspeed: NAME` -> the DeepSpeed JSON shipped in recipes/deepspeed/.
+DEEPSPEED_CONFIGS = ("zero2", "zero3", "zero3_offload")
+
+
+def shipped_recipes_dir() -> Path:
+    """The recipes that ship with mllm: the repository's ``recipes/`` (a checkout or an editable
+    install), else the copy a wheel installs under ``<prefix>/share/mllm/recipes`` (setup.cfg
+    ``data_files``)."""
+    import sysconfig
+
+    beside = Path(__file__).resolve().parent.parent / "recipes"
+    if (beside / "deepspeed").is_dir():
+        return beside
+    return Path(sysconfig.get_path("data")) / "share" / "mllm" / "recipes"
+
+
+def resolve_deepspeed(value: str, recipe_dir: Path | None = None) -> str:
+    """``zero2`` / ``zero3`` / ``zero3_offload`` -> the shipped JSON; a relative path -> the file
+    relative to the current directory, else relative to the recipe's folder (``recipe_dir``), else
+    inside the shipped recipes (``recipes/deepspeed/zero3.json`` works from any directory)."""
+    if value in DEEPSPEED_CONFIGS:
+        return str(shipped_recipes_dir() / "deepspeed" / f"{value}.json")
+    path = Path(value).expanduser()
+    if path.is_absolute() or path.exists():
+        return str(path)
+    candidates = []
+    if recipe_dir is not None:
+        candidates.append(recipe_dir / path)
+    shipped = shipped_recipes_dir()
+    if path.parts and path.parts[0] == "recipes":
+        candidates.append(shipped.joinpath(*path.parts[1:]))
+    for candidate in candidates:
+        if candidate.is_file():
+            return str(candidate)
+    raise ConfigError(
+        f"`deepspeed` is `{value}`: no such file (looked in the current directory"
+        + (f", beside the recipe in {recipe_dir}" if recipe_dir is not None else "")
+        + f"); name a shipped config ({', '.join(DEEPSPEED_CONFIGS)}) or a JSON file."
+    )
+
+
 def _field_types(cls: type) -> dict[str, Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints.get(f.name, Any) for f in dataclasses.fields(cls) if f.init}
@@ -137,6 +232,14 @@ def _field_types(cls: type) -> dict[str, Any]:
 def _check_value(key: str, value: Any, hint: Any) -> Any:
     """Coerce ``value`` to ``hint`` where that is unambiguous; raise ConfigError naming ``key`` otherwise."""
     origin = typing.get_origin(hint)
+    if isinstance(value, YamlWord):
+        return _check_word(key, value, hint)
+    if (
+        isinstance(value, list)
+        and any(isinstance(v, YamlWord) for v in value)
+        and origin not in (list, tuple)
+    ):
+        value = plain(value)
     if hint is Any:
         return value
     if origin is Literal:
@@ -148,6 +251,8 @@ def _check_value(key: str, value: Any, hint: Any) -> Any:
         args = typing.get_args(hint)
         if value is None and type(None) in args:
             return None
+        if isinstance(value, bool) and bool in args:
+            return value
         errors = []
         for arg in args:
             if arg is type(None):
@@ -196,6 +301,36 @@ def _check_value(key: str, value: Any, hint: Any) -> Any:
     return value  # enums and library-specific types: TrainingArguments validates them itself
 
 
+def _admits_str(hint: Any) -> bool:
+    """Whether a field of type ``hint`` takes a string (str, a Literal of strings, a str enum)."""
+    if hint is str:
+        return True
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return any(isinstance(c, str) for c in typing.get_args(hint))
+    if origin in (typing.Union, types.UnionType):
+        return any(_admits_str(a) for a in typing.get_args(hint))
+    return isinstance(hint, type) and issubclass(hint, str)
+
+
+def _admits_bool(hint: Any) -> bool:
+    if hint is bool or hint is Any:
+        return True
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return any(isinstance(c, bool) for c in typing.get_args(hint))
+    if origin in (typing.Union, types.UnionType):
+        return any(_admits_bool(a) for a in typing.get_args(hint))
+    return False
+
+
+def _check_word(key: str, word: YamlWord, hint: Any) -> Any:
+    """A YAML boolean word: the boolean for a field that takes one, else the word as written."""
+    if _admits_bool(hint) or not _admits_str(hint):
+        return _check_value(key, word.as_bool, hint)
+    return _check_value(key, str(word), hint)
+
+
 def _validate_choices(model: ModelArguments, data: DataArguments) -> None:
     from mllm.models.connectors import CONNECTORS
 
@@ -223,13 +358,22 @@ def _validate_choices(model: ModelArguments, data: DataArguments) -> None:
 
 
 def build_run_config(recipe: str | os.PathLike | None, overrides: list[str] | None = None) -> RunConfig:
-    """Merge a recipe and ``key=value`` overrides into typed dataclasses, failing on the first bad key."""
-    flat = load_recipe(recipe) if recipe is not None else {}
-    flat.update(parse_overrides(overrides or []))
+    """Merge a recipe and ``key=value`` overrides into typed dataclasses, failing on the first bad key.
+
+    ``source`` (the run's record of its configuration) holds the values as read: boolean words
+    resolved by the field's type, ``deepspeed`` as given (a shipped name or the path written).
+    """
+    from transformers import TrainingArguments
+
+    flat = _read_recipe(recipe) if recipe is not None else {}
+    from_overrides = parse_overrides(overrides or [])
+    flat.update(from_overrides)
     ours_types = {cls: _field_types(cls) for cls in _OURS}
     hf_types = _field_types(TrainingArguments)
+    hf_types["resume_from_checkpoint"] = str | bool | None  # Trainer.train: True = last checkpoint
     known = {name for types_ in ours_types.values() for name in types_} | set(hf_types)
     buckets: dict[type, dict[str, Any]] = {cls: {} for cls in (*_OURS, TrainingArguments)}
+    source: dict[str, Any] = {}
     for key, value in flat.items():
         owner = next((cls for cls, types_ in ours_types.items() if key in types_), None)
         if owner is None and key in hf_types:
@@ -239,7 +383,15 @@ def build_run_config(recipe: str | os.PathLike | None, overrides: list[str] | No
             hint = f" Did you mean: {', '.join(close)}?" if close else ""
             raise ConfigError(f"unknown argument `{key}` in the recipe or overrides.{hint}")
         hint_type = ours_types[owner][key] if owner in ours_types else hf_types[key]
-        buckets[owner][key] = _check_value(key, value, hint_type)
+        checked = _check_value(key, value, hint_type)
+        source[key] = checked if _has_word(value) else value
+        buckets[owner][key] = checked
+    hf = buckets[TrainingArguments]
+    if hf.get("resume_from_checkpoint") is False:
+        hf["resume_from_checkpoint"] = None
+    if isinstance(hf.get("deepspeed"), str):
+        recipe_dir = None if recipe is None or "deepspeed" in from_overrides else Path(recipe).parent
+        hf["deepspeed"] = resolve_deepspeed(hf["deepspeed"], recipe_dir)
     model = ModelArguments(**buckets[ModelArguments])
     tuning = TuningArguments(**buckets[TuningArguments])
     data = DataArguments(**buckets[DataArguments])
@@ -247,11 +399,23 @@ def build_run_config(recipe: str | os.PathLike | None, overrides: list[str] | No
     defaults = {
         "output_dir": "runs/default",
         "report_to": "none",
-        "dataloader_pin_memory": torch.cuda.is_available(),  # pinning without a GPU only warns
+        "dataloader_pin_memory": _cuda_available(),  # pinning without a GPU only warns
     }
-    training_kwargs = {**defaults, **buckets[TrainingArguments]}
+    training_kwargs = {**defaults, **hf}
     try:
         training = TrainingArguments(**training_kwargs)
     except (ValueError, TypeError) as err:
         raise ConfigError(f"invalid training arguments: {err}") from err
-    return RunConfig(model=model, tuning=tuning, data=data, training=training, source=flat)
+    return RunConfig(model=model, tuning=tuning, data=data, training=training, source=source)
+
+
+def _has_word(value: Any) -> bool:
+    return isinstance(value, YamlWord) or (
+        isinstance(value, list) and any(isinstance(v, YamlWord) for v in value)
+    )
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
