@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from transformers import TrainerCallback
 
-import mllm.training.checkpoint as checkpoint_module
+import mllm.run_dir as checkpoint_module
 from mllm.models.loading import load_model_and_processor
 from tests.test_trainer import make_run
 

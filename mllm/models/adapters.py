@@ -7,9 +7,11 @@ while the weights are read.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
@@ -26,6 +28,7 @@ __all__ = [
     "llm_quantization_config",
     "lora_target_pattern",
     "trainable_parameter_table",
+    "tuning_of",
     "unwrap_mllm",
 ]
 
@@ -33,6 +36,12 @@ logger = logging.getLogger(__name__)
 
 COMPONENTS = ("vision_tower", "connector", "language_model", "lora")
 _PEFT_PREFIX = "base_model.model."
+
+
+def tuning_of(recorded: Mapping[str, Any]) -> TuningArguments:
+    """`TuningArguments` from a run record's ``tuning`` dict (keys this version does not know are dropped)."""
+    known = {f.name for f in dataclasses.fields(TuningArguments)}
+    return TuningArguments(**{k: v for k, v in recorded.items() if k in known})
 
 
 def llm_quantization_config(tuning: TuningArguments) -> BitsAndBytesConfig | None:

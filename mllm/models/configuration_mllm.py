@@ -11,7 +11,29 @@ from transformers.configuration_utils import SubConfigSpec
 from mllm.models.connectors import CONNECTORS
 from mllm.models.vision import vision_family
 
-__all__ = ["MllmConfig"]
+__all__ = ["ARCHITECTURE_FIELDS", "RECIPE_ARCHITECTURE_KEYS", "MllmConfig"]
+
+# The MllmConfig fields that make up the architecture beyond the two component configs: what
+# `MllmForConditionalGeneration.from_components(**config.architecture())` needs to rebuild a model.
+ARCHITECTURE_FIELDS = (
+    "connector_type",
+    "connector_depth",
+    "connector_hidden_act",
+    "num_query_tokens",
+    "vision_feature_layer",
+    "vision_feature_select_strategy",
+    "image_token",
+    "qformer_config",
+)
+# The recipe keys (`mllm.config.ModelArguments`) that set an architecture field of the same name.
+RECIPE_ARCHITECTURE_KEYS = (
+    "connector_type",
+    "connector_depth",
+    "num_query_tokens",
+    "vision_feature_layer",
+    "vision_feature_select_strategy",
+    "image_token",
+)
 
 
 @strict
@@ -74,6 +96,10 @@ class MllmConfig(PreTrainedConfig):
                 f"vision_feature_layer={self.vision_feature_layer} is out of range for a vision tower with "
                 f"{n_layers} layers (hidden states are indexed -{n_layers + 1}..{n_layers})."
             )
+
+    def architecture(self) -> dict:
+        """The `ARCHITECTURE_FIELDS` of this config: `from_components` keyword arguments that rebuild it."""
+        return {name: getattr(self, name) for name in ARCHITECTURE_FIELDS}
 
     @property
     def num_patches(self) -> int:

@@ -1,47 +1,22 @@
-"""Build a model from components, and load any `mllm train` output dir (full weights or adapter + trained)."""
+"""Load any `mllm train` run dir (full weights, or trained weights + adapter) with its processor."""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
-from typing import Any
 
 import torch
-from peft import PeftModel
 from torch import nn
-from transformers import AutoConfig
 
-from mllm.models.configuration_mllm import MllmConfig
+from mllm import run_dir
 from mllm.models.modeling_mllm import MllmForConditionalGeneration
 from mllm.models.processing_mllm import MllmProcessor
 
-__all__ = ["config_kwargs_of", "is_adapter_output_dir", "load_model_and_processor"]
-
-_CONFIG_FIELDS = (
-    "connector_depth",
-    "connector_hidden_act",
-    "num_query_tokens",
-    "vision_feature_layer",
-    "vision_feature_select_strategy",
-    "qformer_config",
-)
-
-
-def config_kwargs_of(config: MllmConfig) -> dict[str, Any]:
-    """The `from_components` arguments that rebuild ``config``'s architecture."""
-    kwargs = {name: getattr(config, name) for name in _CONFIG_FIELDS}
-    kwargs.update(connector=config.connector_type, image_token=config.image_token)
-    return kwargs
+__all__ = ["is_adapter_output_dir", "load_model_and_processor"]
 
 
 def is_adapter_output_dir(path: str | os.PathLike) -> bool:
-    """True for an output dir that plain `from_pretrained` cannot read alone (format (b): trained + adapter)."""
-    from mllm.training.checkpoint import ADAPTER_CONFIG, RUN_RECORD, TRAINED_WEIGHTS
-
-    path = Path(path)
-    return (path / RUN_RECORD).is_file() and (
-        (path / TRAINED_WEIGHTS).is_file() or (path / ADAPTER_CONFIG).is_file()
-    )
+    """True for a run dir that plain `from_pretrained` cannot read alone (format ``trained``)."""
+    return run_dir.needs_components(path)
 
 
 def load_model_and_processor(
@@ -51,44 +26,25 @@ def load_model_and_processor(
     merge_lora: bool = False,
     device: str | torch.device | None = None,
     quantize: bool | None = None,
+    attn_implementation: str | None = None,
 ) -> tuple[nn.Module, MllmProcessor]:
-    """Load an `mllm train` output dir (final or ``checkpoint-N``) and its processor.
+    """Load an `mllm train` run dir (final or ``checkpoint-N``) and its processor, in eval mode.
 
-    Full weights load with `from_pretrained`. Otherwise the model is rebuilt from the recorded
-    components, ``trained.safetensors`` is loaded and the LoRA adapter attached (a `peft.PeftModel`),
-    or folded in when ``merge_lora`` (a plain `MllmForConditionalGeneration`). ``quantize`` (default:
-    as trained, unless merging) loads the LLM of a QLoRA run in 4 bit. Nothing is frozen here beyond
-    what peft itself does to an attached adapter's base.
+    The model is `MllmForConditionalGeneration.from_run_dir` (a `peft.PeftModel` when the run dir
+    carries a LoRA adapter and ``merge_lora`` is False); the processor is the one saved beside it,
+    whose image-token count is the model config's.
     """
-    from mllm.config import TuningArguments
-    from mllm.models.adapters import llm_quantization_config
-    from mllm.training.checkpoint import ADAPTER_CONFIG, load_weights_into, read_run_record
-
-    path = Path(path)
-    record = read_run_record(path)
+    run_dir.read_record(path)  # a clear error before anything loads when `path` is not a run dir
     processor = MllmProcessor.from_pretrained(str(path))
-    if record["format"] == "full":
-        model = MllmForConditionalGeneration.from_pretrained(str(path), dtype=dtype, _mllm_plain=True)
-    else:
-        config = AutoConfig.from_pretrained(str(path))
-        tuning = TuningArguments(**record["tuning"])
-        if quantize is None:
-            quantize = tuning.tune_llm == "qlora" and not merge_lora
-        quantization = llm_quantization_config(tuning) if quantize else None
-        if quantize and quantization is None:
-            quantization = llm_quantization_config(TuningArguments(tune_llm="qlora"))
-        model = MllmForConditionalGeneration.from_components(
-            record["vision_tower"],
-            record["model_name_or_path"],
-            quantization_config=quantization,
-            dtype=dtype,
-            **config_kwargs_of(config),
+    model = MllmForConditionalGeneration.from_run_dir(
+        path, dtype=dtype, merge_lora=merge_lora, quantize=quantize, attn_implementation=attn_implementation
+    )
+    config = model.get_base_model().config if hasattr(model, "get_base_model") else model.config
+    if processor.num_image_tokens != config.num_image_tokens:
+        raise run_dir.CorruptRunDirError(
+            f"`{path}`: the processor expands <image> into {processor.num_image_tokens} tokens but the model "
+            f"config says {config.num_image_tokens}."
         )
-        if (path / ADAPTER_CONFIG).is_file():
-            model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
-        load_weights_into(model, path)
-        if merge_lora and isinstance(model, PeftModel):
-            model = model.merge_and_unload()
     if device is not None:
         model.to(device)
     model.eval()

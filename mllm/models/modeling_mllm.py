@@ -13,6 +13,7 @@ from transformers.integrations import is_deepspeed_zero3_enabled
 from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
+from mllm import run_dir
 from mllm.models.configuration_mllm import MllmConfig
 from mllm.models.connectors import build_connector
 from mllm.models.processing_mllm import ensure_image_token
@@ -64,7 +65,7 @@ class MllmForConditionalGeneration(MllmPreTrainedModel, GenerationMixin):
         cls,
         vision: str | os.PathLike,
         llm: str | os.PathLike,
-        connector: str = "mlp",
+        connector: str | None = None,
         image_token: str = "<image>",
         dtype: torch.dtype | None = None,
         attn_implementation: str | None = None,
@@ -73,11 +74,17 @@ class MllmForConditionalGeneration(MllmPreTrainedModel, GenerationMixin):
     ) -> MllmForConditionalGeneration:
         """Compose pretrained components (Hub ids or local folders, same code for both).
 
-        ``config_kwargs`` are `MllmConfig` fields (``connector_depth``, ``vision_feature_layer``, ...).
+        ``config_kwargs`` are `MllmConfig` architecture fields (``connector_type``, ``connector_depth``,
+        ``vision_feature_layer``, ...: `MllmConfig.architecture()` of a saved model rebuilds it);
+        ``connector`` is the short name of ``connector_type`` (default ``mlp``).
         The connector is freshly initialised; the image token is added to the LLM's vocabulary.
         ``quantization_config`` (e.g. bitsandbytes NF4 for QLoRA) applies to the LLM only: the vision
         tower and the connector are never quantised.
         """
+        connector_type = config_kwargs.pop("connector_type", None)
+        if connector is not None and connector_type is not None and connector != connector_type:
+            raise ValueError(f"connector={connector!r} and connector_type={connector_type!r} disagree; pass one.")
+        connector = connector_type or connector or "mlp"
         vision_config = load_config_or_explain("vision tower", vision, vision_config_from)
         text_config = load_config_or_explain("LLM", llm)
         tokenizer = load_config_or_explain("LLM tokenizer", llm, AutoTokenizer.from_pretrained)
@@ -118,16 +125,70 @@ class MllmForConditionalGeneration(MllmPreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
-        """Plain `from_pretrained`, except that an `mllm train` output dir holding trained.safetensors
-        (+ a LoRA adapter) is rebuilt by `mllm.models.loading.load_model_and_processor` with LoRA merged."""
-        from mllm.models.loading import is_adapter_output_dir, load_model_and_processor
+        """Plain `from_pretrained`, except that an `mllm train` run dir of format ``trained`` (trained.safetensors,
+        maybe + a LoRA adapter) is rebuilt by `from_run_dir` with LoRA merged; a run dir stopped early warns."""
+        if kwargs.pop("_mllm_plain", False) or not run_dir.is_run_dir(pretrained_model_name_or_path):
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        record = run_dir.read_record(pretrained_model_name_or_path)
+        if record.format == "full":
+            run_dir.warn_if_interrupted(pretrained_model_name_or_path, record)
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        dtype = kwargs.get("dtype", kwargs.get("torch_dtype"))
+        return cls.from_run_dir(
+            pretrained_model_name_or_path,
+            dtype=None if dtype == "auto" else dtype,
+            merge_lora=True,
+            attn_implementation=kwargs.get("attn_implementation"),
+        )
 
-        if not kwargs.pop("_mllm_plain", False) and is_adapter_output_dir(pretrained_model_name_or_path):
-            dtype = kwargs.get("dtype")
-            return load_model_and_processor(
-                pretrained_model_name_or_path, dtype=None if dtype == "auto" else dtype, merge_lora=True
-            )[0]
-        return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+    @classmethod
+    def from_run_dir(
+        cls,
+        path: str | os.PathLike,
+        *,
+        dtype: torch.dtype | None = None,
+        merge_lora: bool = False,
+        quantize: bool | None = None,
+        attn_implementation: str | None = None,
+    ) -> nn.Module:
+        """The model of an `mllm train` run dir (final or ``checkpoint-N``), in either format of `mllm.run_dir`.
+
+        Format ``full`` loads with `from_pretrained`. Format ``trained`` is rebuilt from the recorded
+        components and the architecture in config.json, ``trained.safetensors`` is loaded and the
+        LoRA adapter attached (a `peft.PeftModel`), or folded in when ``merge_lora``. ``quantize``
+        (default: as trained, unless merging) loads the LLM of a QLoRA run in 4 bit. Nothing is frozen
+        here beyond what peft itself does to an attached adapter's base.
+        """
+        from peft import PeftModel
+
+        from mllm.models.adapters import llm_quantization_config, tuning_of
+
+        record = run_dir.read_record(path)
+        run_dir.warn_if_interrupted(path, record)
+        load_kw = {"attn_implementation": attn_implementation} if attn_implementation is not None else {}
+        if record.format == "full":
+            return cls.from_pretrained(str(path), dtype=dtype, _mllm_plain=True, **load_kw)
+        config = cls.config_class.from_pretrained(str(path))
+        tuning = tuning_of(record.tuning)
+        if quantize is None:
+            quantize = tuning.tune_llm == "qlora" and not merge_lora
+        quantization = llm_quantization_config(tuning) if quantize else None
+        if quantize and quantization is None:
+            quantization = llm_quantization_config(tuning_of({**record.tuning, "tune_llm": "qlora"}))
+        model = cls.from_components(
+            record.vision_tower,
+            record.model_name_or_path,
+            quantization_config=quantization,
+            dtype=dtype,
+            **load_kw,
+            **config.architecture(),
+        )
+        if run_dir.has_adapter(path):
+            model = PeftModel.from_pretrained(model, str(path), is_trainable=False)
+        run_dir.load_weights_into(model, path)
+        if merge_lora and isinstance(model, PeftModel):
+            model = model.merge_and_unload()
+        return model
 
     # -- embeddings -------------------------------------------------------------------------
     def get_input_embeddings(self) -> nn.Module:

@@ -1,0 +1,94 @@
+"""Atomic file and folder writes: a crash mid-write never leaves a half-written file in place.
+
+Every write goes to a hidden sibling (``.NAME.partial-XXXX``) on the same filesystem and is renamed
+over the destination when complete. Files get the permissions of an ordinary ``open()`` (0666 less
+the umask), unlike ``tempfile.mkstemp``'s 0600, so a run dir's files all look alike.
+``remove_partials`` clears what a killed writer left behind.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+__all__ = ["PARTIAL", "atomic_dir", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "remove_partials"]
+
+PARTIAL = ".partial-"  # marks a staging file or folder: `.NAME.partial-XXXX`
+_OLD = ".old-"  # a destination moved aside while its replacement is renamed in
+
+
+def _sibling(path: Path, kind: str) -> Path:
+    return path.parent / f".{path.name}{kind}{uuid.uuid4().hex[:8]}"
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary sibling, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _sibling(path, PARTIAL)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """``atomic_write_bytes`` of ``text`` in UTF-8."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, indent: int | None = 2) -> None:
+    """``obj`` as JSON (UTF-8, keys sorted, trailing newline), written atomically."""
+    atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=indent, sort_keys=True) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a staging dir beside ``final``; on success it replaces ``final`` by rename, on error it is removed.
+
+    A crash while writing therefore leaves whatever ``final`` held before intact.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    staging = _sibling(final, PARTIAL)
+    staging.mkdir()
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if final.exists():
+        trash = _sibling(final, _OLD)
+        os.replace(final, trash)
+        os.replace(staging, final)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(staging, final)
+
+
+def remove_partials(folder: str | os.PathLike[str], name: str | None = None) -> list[Path]:
+    """Delete the staging files and folders that a killed atomic write left in ``folder`` (only those
+    of destination ``name`` when given); returns what was removed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    prefix = "." if name is None else f".{name}."
+    removed = []
+    for item in folder.iterdir():
+        if item.name.startswith(prefix) and (PARTIAL in item.name or _OLD in item.name):
+            if item.is_dir() and not item.is_symlink():
+                shutil.rmtree(item, ignore_errors=True)
+            else:
+                item.unlink(missing_ok=True)
+            removed.append(item)
+    return removed
