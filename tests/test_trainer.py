@@ -17,7 +17,7 @@ from mllm.data.collator import MllmCollator
 from mllm.models.adapters import apply_tuning, llm_quantization_config, trainable_parameter_table
 from mllm.models.modeling_mllm import MllmForConditionalGeneration
 from mllm.models.processing_mllm import MllmProcessor
-from mllm.training.checkpoint import make_run_record
+from mllm.run_dir import RunRecord
 from mllm.training.trainer import MllmTrainer
 
 COLORS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0)}
@@ -95,7 +95,7 @@ def make_run(
     )
     processor = MllmProcessor.from_components(vision, lm, num_image_tokens=model.config.num_image_tokens)
     model = apply_tuning(model, tuning)
-    record = make_run_record(
+    record = RunRecord.new(
         vision_tower=vision,
         model_name_or_path=lm,
         tuning=dataclasses.asdict(tuning),

@@ -31,6 +31,11 @@ class GracefulStopCallback(TrainerCallback):
         self.requested: int | None = None  # the signal received, if any
         self._previous: dict[int, Callable | int | None] = {}
 
+    @property
+    def requested_name(self) -> str | None:
+        """``SIGTERM`` / ``SIGINT`` once a stop was requested (it stays set after training ends), else None."""
+        return None if self.requested is None else signal.Signals(self.requested).name
+
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.requested is not None:
             previous = self._previous.get(signum)

@@ -1,12 +1,20 @@
 """`train(run)`: one training stage, read as the recipe.
 
-components (or ``init_from``) -> apply_tuning -> dataset -> collator -> MllmTrainer -> train -> save.
+components (or ``init_from``) -> apply_tuning -> dataset (+ eval dataset) -> collator -> MllmTrainer
+-> train -> save.
+
+``init_from`` (a previous stage's run dir) fixes the architecture: a later stage inherits the keys
+in `INHERITED_KEYS` from the earlier run and may set every other key (`SETTABLE_AT_INIT_FROM` names
+the model keys among them). A recipe that sets an inherited key to a different value than the
+earlier run's is refused, naming both values; setting it to the same value is allowed.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,20 +23,29 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import AutoConfig, set_seed
+from transformers.trainer_utils import IntervalStrategy
 
-from mllm.config import RunConfig
+from mllm.config import ConfigError, RunConfig
 from mllm.data.collator import MllmCollator, PackingCollator
 from mllm.data.dataset import SkipReport, build_dataset
 from mllm.models.adapters import apply_tuning, llm_quantization_config
+from mllm.models.configuration_mllm import RECIPE_ARCHITECTURE_KEYS, MllmConfig
 from mllm.models.loading import load_model_and_processor
 from mllm.models.modeling_mllm import MllmForConditionalGeneration
 from mllm.models.processing_mllm import MllmProcessor
-from mllm.training.checkpoint import make_run_record, read_run_record
+from mllm.run_dir import RunRecord, last_checkpoint, read_record, resolve_resume
 from mllm.training.trainer import MllmTrainer
 
-__all__ = ["TrainResult", "load_for_training", "train"]
+__all__ = ["INHERITED_KEYS", "SETTABLE_AT_INIT_FROM", "TrainResult", "load_for_training", "train"]
 
 logger = logging.getLogger(__name__)
+
+# With `init_from`, these come from the earlier run (its components and config.json): the weights
+# were trained for them. A recipe may repeat them with the same value, never change them.
+INHERITED_KEYS = ("vision_tower", "model_name_or_path", *RECIPE_ARCHITECTURE_KEYS)
+# Model keys a later stage sets for itself (runtime choices, applied when loading); all tuning,
+# data and TrainingArguments keys (tune_*, lora_*, bf16 / fp16 = the load dtype, ...) are its own too.
+SETTABLE_AT_INIT_FROM = ("attn_implementation", "init_from")
 
 
 @dataclass
@@ -38,6 +55,15 @@ class TrainResult:
     train_loss: float  # mean training loss over the run
     runtime_s: float  # wall-clock seconds of trainer.train()
     skipped: dict[str, int] = field(default_factory=dict)  # skipped records per reason
+    samples_per_second: float | None = None  # training throughput as the Trainer measured it
+    eval_metrics: dict[str, float] = field(default_factory=dict)  # last evaluation (eval_loss, ...), if any
+    interrupted: str | None = None  # SIGTERM / SIGINT when the run was stopped early
+    last_checkpoint: Path | None = None  # the newest checkpoint-N in output_dir
+
+    @property
+    def exit_code(self) -> int:
+        """What `mllm train` exits with: 0, or 128 + the signal number (130 Ctrl-C, 143 SIGTERM)."""
+        return 0 if self.interrupted is None else 128 + int(signal.Signals[self.interrupted])
 
 
 def _load_dtype(run: RunConfig) -> torch.dtype | None:
@@ -45,35 +71,54 @@ def _load_dtype(run: RunConfig) -> torch.dtype | None:
     return torch.bfloat16 if run.training.bf16 else None
 
 
-def load_for_training(run: RunConfig) -> tuple[nn.Module, MllmProcessor, dict[str, Any]]:
+def _same_component(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    return os.path.exists(a) and os.path.exists(b) and os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_inherited(run: RunConfig, previous: RunRecord, config: MllmConfig) -> None:
+    """Refuse a recipe that changes what ``init_from`` fixes (`INHERITED_KEYS`), naming both values."""
+    earlier: dict[str, Any] = {
+        "vision_tower": previous.vision_tower,
+        "model_name_or_path": previous.model_name_or_path,
+        **{key: getattr(config, key) for key in RECIPE_ARCHITECTURE_KEYS},
+    }
+    for key in INHERITED_KEYS:
+        if key not in run.source:
+            continue
+        value = getattr(run.model, key)
+        same = _same_component(str(value), str(earlier[key])) if key in ("vision_tower", "model_name_or_path") else (
+            value == earlier[key]
+        )
+        if not same:
+            raise ConfigError(
+                f"`{key}` is {value!r} here but {earlier[key]!r} in init_from `{run.model.init_from}`: a stage "
+                f"started with init_from inherits {key}; remove it from the recipe or set it to {earlier[key]!r}."
+            )
+
+
+def load_for_training(run: RunConfig) -> tuple[nn.Module, MllmProcessor, RunRecord]:
     """The untuned model, its processor and the run record: from the components, or from ``init_from``
     (a previous stage's output dir, LoRA merged: how stage 2 starts from stage 1's connector)."""
     tuning_dict = dataclasses.asdict(run.tuning)
     dtype = _load_dtype(run)
     if run.model.init_from:
-        previous = read_run_record(run.model.init_from)
-        if run.tuning.tune_llm == "qlora" and previous["format"] == "full":
+        previous = read_record(run.model.init_from)
+        check_inherited(run, previous, MllmConfig.from_pretrained(run.model.init_from))
+        if run.tuning.tune_llm == "qlora" and previous.format == "full":
             raise ValueError(
                 f"tune_llm=qlora cannot start from the full-weight output dir `{run.model.init_from}`: "
                 "QLoRA quantises the LLM of the recorded components."
             )
         model, processor = load_model_and_processor(
-            run.model.init_from, dtype=dtype, merge_lora=True, quantize=run.tuning.tune_llm == "qlora"
+            run.model.init_from,
+            dtype=dtype,
+            merge_lora=True,
+            quantize=run.tuning.tune_llm == "qlora",
+            attn_implementation=run.model.attn_implementation,
         )
-        inherited = set(previous["modified"])
-        if previous["tuning"]["tune_llm"] in ("lora", "qlora"):
-            inherited.add("language_model")  # its LoRA is merged in now
-        if previous["tuning"]["tune_vision"] == "lora":
-            inherited.add("vision_tower")
-        record = make_run_record(
-            vision_tower=previous["vision_tower"],
-            model_name_or_path=previous["model_name_or_path"],
-            tuning=tuning_dict,
-            base_vocab_size=previous["base_vocab_size"],
-            config=run.source,
-            inherited_modified=sorted(inherited),
-        )
-        return model, processor, record
+        return model, processor, previous.continued(tuning=tuning_dict, config=run.source)
     vision, llm = run.model.vision_tower, run.model.model_name_or_path
     model = MllmForConditionalGeneration.from_components(
         vision,
@@ -81,17 +126,12 @@ def load_for_training(run: RunConfig) -> tuple[nn.Module, MllmProcessor, dict[st
         quantization_config=llm_quantization_config(run.tuning),
         dtype=dtype,
         attn_implementation=run.model.attn_implementation,
-        connector=run.model.connector_type,
-        image_token=run.model.image_token,
-        connector_depth=run.model.connector_depth,
-        num_query_tokens=run.model.num_query_tokens,
-        vision_feature_layer=run.model.vision_feature_layer,
-        vision_feature_select_strategy=run.model.vision_feature_select_strategy,
+        **{key: getattr(run.model, key) for key in RECIPE_ARCHITECTURE_KEYS},
     )
     processor = MllmProcessor.from_components(
-        vision, llm, num_image_tokens=model.config.num_image_tokens, image_token=run.model.image_token
+        vision, llm, num_image_tokens=model.config.num_image_tokens, image_token=model.config.image_token
     )
-    record = make_run_record(
+    record = RunRecord.new(
         vision_tower=vision,
         model_name_or_path=llm,
         tuning=tuning_dict,
@@ -101,13 +141,9 @@ def load_for_training(run: RunConfig) -> tuple[nn.Module, MllmProcessor, dict[st
     return model, processor, record
 
 
-def train(run: RunConfig) -> TrainResult:
-    """Run one stage as configured and write the final output dir; returns what happened."""
-    set_seed(run.training.seed)
-    model, processor, record = load_for_training(run)
-    model = apply_tuning(model, run.tuning, gradient_checkpointing=run.training.gradient_checkpointing)
-    dataset = build_dataset(
-        run.data.data_path,
+def _dataset(run: RunConfig, data_path: str, processor: MllmProcessor):
+    return build_dataset(
+        data_path,
         run.data.image_folder,
         processor,
         run.data.template,
@@ -115,6 +151,24 @@ def train(run: RunConfig) -> TrainResult:
         run.data.bad_data,
         run.data.truncation,
     )
+
+
+def train(run: RunConfig) -> TrainResult:
+    """Run one stage as configured and write the final output dir; returns what happened.
+
+    ``eval_data_path`` gives the Trainer an eval dataset: eval loss every ``eval_steps`` under
+    ``eval_strategy: steps`` (so ``load_best_model_at_end`` / ``metric_for_best_model: eval_loss``
+    work), once at the end otherwise. A run stopped by SIGTERM / Ctrl-C still writes the output
+    dir, marked interrupted in its record, logs where its last checkpoint is, and returns
+    ``interrupted`` set (`TrainResult.exit_code` 143 / 130).
+    """
+    set_seed(run.training.seed)
+    output_dir = Path(run.training.output_dir)
+    resume = resolve_resume(run.training.resume_from_checkpoint, output_dir)
+    model, processor, record = load_for_training(run)
+    model = apply_tuning(model, run.tuning, gradient_checkpointing=run.training.gradient_checkpointing)
+    dataset = _dataset(run, run.data.data_path, processor)
+    eval_dataset = _dataset(run, run.data.eval_data_path, processor) if run.data.eval_data_path else None
     if run.data.packing:
         collator = PackingCollator(max_length=None)
     else:
@@ -123,6 +177,7 @@ def train(run: RunConfig) -> TrainResult:
         model=model,
         args=run.training,
         train_dataset=dataset,
+        eval_dataset=eval_dataset,
         data_collator=collator,
         processing_class=processor,
         tuning=run.tuning,
@@ -131,14 +186,47 @@ def train(run: RunConfig) -> TrainResult:
         skip_report=SkipReport(dataset.skipped),
     )
     start = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=run.training.resume_from_checkpoint)
+    output = trainer.train(resume_from_checkpoint=resume)
     runtime = time.perf_counter() - start
-    trainer.save_model(run.training.output_dir)
+    stopped = trainer.stop_signal
+    eval_metrics: dict[str, float] = {}
+    if eval_dataset is not None and stopped is None:
+        if run.training.eval_strategy == IntervalStrategy.NO:
+            eval_metrics = trainer.evaluate()
+            trainer.save_metrics("eval", eval_metrics)
+        else:
+            eval_metrics = _last_logged_eval(trainer)
+    if stopped is not None:
+        trainer.run_record = record.interrupted_at(stopped, trainer.state.global_step)
+    trainer.save_model(str(output_dir))
     trainer.save_state()
+    checkpoint = last_checkpoint(output_dir)
+    if stopped is not None:
+        where = f"its last checkpoint is `{checkpoint}`" if checkpoint else "it wrote no checkpoint"
+        logger.warning(
+            "training stopped by %s at step %d; `%s` is marked interrupted and %s. Resume by running the same "
+            "command with resume_from_checkpoint=true (output_dir=%s).",
+            stopped,
+            trainer.state.global_step,
+            output_dir,
+            where,
+            output_dir,
+        )
     return TrainResult(
-        output_dir=Path(run.training.output_dir),
+        output_dir=output_dir,
         global_step=output.global_step,
         train_loss=float(output.training_loss),
         runtime_s=runtime,
         skipped=dict(trainer.skip_report.counts),
+        samples_per_second=output.metrics.get("train_samples_per_second"),
+        eval_metrics=eval_metrics,
+        interrupted=stopped,
+        last_checkpoint=checkpoint,
     )
+
+
+def _last_logged_eval(trainer: MllmTrainer) -> dict[str, float]:
+    for entry in reversed(trainer.state.log_history):
+        if "eval_loss" in entry:
+            return {k: float(v) for k, v in entry.items() if k.startswith("eval_")}
+    return {}

@@ -16,8 +16,9 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 from mllm.config import TuningArguments
 from mllm.data.dataset import SkipReport
 from mllm.data.sampler import ModalityLengthGroupedSampler
+from mllm.io import PARTIAL, atomic_dir, remove_partials
+from mllm.run_dir import RunRecord, is_run_dir, load_weights_into, save_run_dir
 from mllm.training.callbacks import SKIPPED_RECORDS, GracefulStopCallback, SkippedRecordsCallback
-from mllm.training.checkpoint import RUN_RECORD, atomic_dir, load_weights_into, save_output_dir
 
 __all__ = ["MllmTrainer", "VisionFeatureSource"]
 
@@ -36,14 +37,17 @@ class MllmTrainer(Trainer):
     - ``group_by_modality_length`` uses `ModalityLengthGroupedSampler` over the dataset's ``lengths``
       and ``modality``; ``vision_feature_source`` replaces ``pixel_values`` by cached features;
     - every save (checkpoints and final) writes the mllm output-dir format, checkpoints atomically;
-      resuming reads it back; SIGTERM / Ctrl-C save a checkpoint and stop.
+      resuming and ``load_best_model_at_end`` read it back; SIGTERM / Ctrl-C save a checkpoint and
+      stop (``stop_signal`` then names the signal);
+    - evaluation (``eval_dataset``) computes the loss only; skips in eval batches are not counted
+      in the training report.
     """
 
     def __init__(
         self,
         *args: Any,
         tuning: TuningArguments,
-        run_record: Mapping[str, Any],
+        run_record: RunRecord | Mapping[str, Any],
         group_by_modality_length: bool = False,
         vision_feature_source: VisionFeatureSource | None = None,
         skip_report: SkipReport | None = None,
@@ -51,12 +55,18 @@ class MllmTrainer(Trainer):
     ) -> None:
         super().__init__(*args, **kwargs)
         self.tuning = tuning  # per-component modes and learning rates
-        self.run_record = dict(run_record)  # written as mllm_run.json at every save
+        self.run_record = RunRecord.coerce(run_record)  # written as mllm_run.json at every save
         self.group_by_modality_length = group_by_modality_length
         self.vision_feature_source = vision_feature_source
         self.skip_report = skip_report if skip_report is not None else SkipReport()
         self.add_callback(SkippedRecordsCallback(self.skip_report))
-        self.add_callback(GracefulStopCallback())
+        self.graceful_stop = GracefulStopCallback()
+        self.add_callback(self.graceful_stop)
+
+    @property
+    def stop_signal(self) -> str | None:
+        """``SIGTERM`` / ``SIGINT`` when the last `train` was stopped by that signal, else None."""
+        return self.graceful_stop.requested_name
 
     def train(self, resume_from_checkpoint: str | bool | None = None, **kwargs: Any):
         """Trainer.train; a resumed run first takes back the skips its earlier part reported."""
@@ -121,9 +131,11 @@ class MllmTrainer(Trainer):
         if "skipped" not in self._signature_columns:  # keep it through remove_unused_columns
             self._signature_columns.append("skipped")
 
-    def _prepare_batch(self, inputs: dict[str, Any]) -> dict[str, Any]:
+    def _prepare_batch(self, inputs: dict[str, Any], *, count_skips: bool = True) -> dict[str, Any]:
         inputs = dict(inputs)
-        self.skip_report.update(inputs.pop("skipped", None) or [])
+        skipped = inputs.pop("skipped", None) or []
+        if count_skips:
+            self.skip_report.update(skipped)
         if self.vision_feature_source is not None and "image_features" not in inputs:
             if "pixel_values" in inputs:
                 inputs["image_features"] = self.vision_feature_source(inputs)
@@ -138,7 +150,8 @@ class MllmTrainer(Trainer):
     def prediction_step(
         self, model: nn.Module, inputs: dict[str, Any], prediction_loss_only: bool, ignore_keys=None
     ):
-        return super().prediction_step(model, self._prepare_batch(inputs), prediction_loss_only, ignore_keys)
+        batch = self._prepare_batch(inputs, count_skips=False)
+        return super().prediction_step(model, batch, prediction_loss_only, ignore_keys)
 
     # -- save / resume ----------------------------------------------------------------------
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
@@ -161,22 +174,19 @@ class MllmTrainer(Trainer):
         if not self.args.should_save:
             return
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        save_output_dir(
-            model,
-            output_dir,
-            processor=self.processing_class,
-            run_record=self.run_record,
-            state_dict=state_dict,
+        save_run_dir(
+            model, output_dir, processor=self.processing_class, record=self.run_record, state_dict=state_dict
         )
 
     def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
         """Trainer's checkpoint (weights, optimizer, scheduler, RNG, state) written into a staging dir
-        and renamed into ``checkpoint-N`` only when complete: a crash mid-save keeps the previous one."""
+        and renamed into ``checkpoint-N`` only when complete: a crash mid-save keeps the previous one,
+        and what a killed save left behind (``.*.partial-*``) is removed at the next save."""
         run_dir = Path(self._get_output_dir(trial=trial))
         final = run_dir / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-        staging_root = run_dir / f".staging-{self.state.global_step}"
+        staging_root = run_dir / f".{final.name}{PARTIAL}staging"
         if self.args.should_save:
-            shutil.rmtree(staging_root, ignore_errors=True)
+            remove_partials(run_dir)
         self.accelerator.wait_for_everyone()
         self._get_output_dir = lambda trial=None: str(staging_root)  # every rank writes into staging
         try:
@@ -207,9 +217,17 @@ class MllmTrainer(Trainer):
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
         """Resume weights from an mllm checkpoint (full, or trained.safetensors + adapter)."""
-        if not (Path(resume_from_checkpoint) / RUN_RECORD).is_file():
+        if not is_run_dir(resume_from_checkpoint):
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         target = self.model if model is None else model
         load_weights_into(
             self.accelerator.unwrap_model(target, keep_torch_compile=False), resume_from_checkpoint
         )
+
+    def _load_best_model(self) -> None:
+        """``load_best_model_at_end``: the best checkpoint's weights in the mllm format (Trainer's own
+        path would read only peft's adapter and miss the connector); DeepSpeed keeps its own path."""
+        best = self.state.best_model_checkpoint
+        if self.is_deepspeed_enabled or best is None or not is_run_dir(best):
+            return super()._load_best_model()
+        load_weights_into(self.accelerator.unwrap_model(self.model, keep_torch_compile=False), best)
