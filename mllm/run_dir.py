@@ -34,6 +34,7 @@ from typing import Any, Literal
 
 import torch
 from peft import PeftModel, set_peft_model_state_dict
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -49,6 +50,7 @@ __all__ = [
     "CorruptRunDirError",
     "NotAnOutputDirError",
     "RunRecord",
+    "check_weight_files",
     "checkpoints",
     "has_adapter",
     "is_run_dir",
@@ -441,6 +443,31 @@ def _read_safetensors(file: Path) -> dict[str, torch.Tensor]:
         ) from err
 
 
+def _weight_files(path: Path, record: RunRecord) -> list[Path]:
+    if record.format == "full":
+        files = sorted(path.glob("model*.safetensors"))
+        if not files:
+            raise CorruptRunDirError(f"`{path}` records format full but holds no {FULL_WEIGHTS}.")
+        return files
+    return [path / TRAINED_WEIGHTS, *([path / ADAPTER_WEIGHTS] if has_adapter(path) else [])]
+
+
+def check_weight_files(path: str | os.PathLike[str]) -> None:
+    """Fail before anything loads when a weight file of run dir ``path`` is missing or truncated (the
+    safetensors header says how long the file must be), naming the file."""
+    path = Path(path)
+    for file in _weight_files(path, read_record(path)):
+        if not file.is_file():
+            raise CorruptRunDirError(f"`{file}` is missing: the run dir is incomplete.")
+        try:
+            with safe_open(str(file), framework="pt"):
+                pass
+        except Exception as err:  # SafetensorError, OSError
+            raise CorruptRunDirError(
+                f"`{file}` is corrupt or truncated ({type(err).__name__}: {err}); use an earlier checkpoint."
+            ) from err
+
+
 @torch.no_grad()
 def load_weights_into(model: nn.Module, path: str | os.PathLike[str]) -> None:
     """Load a run dir's weights into an already built ``model`` of the same layout (resume, loader).
@@ -457,10 +484,7 @@ def load_weights_into(model: nn.Module, path: str | os.PathLike[str]) -> None:
     }
     if record.format == "full":
         weights: dict[str, torch.Tensor] = {}
-        files = sorted(path.glob("model*.safetensors"))
-        if not files:
-            raise CorruptRunDirError(f"`{path}` records format full but holds no {FULL_WEIGHTS}.")
-        for file in files:
+        for file in _weight_files(path, record):
             weights.update(_read_safetensors(file))
         _load_strict(base, {lora_layers.get(k, k): v for k, v in weights.items()}, path, allow_tied=True)
     else:

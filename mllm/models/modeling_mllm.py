@@ -165,6 +165,7 @@ class MllmForConditionalGeneration(MllmPreTrainedModel, GenerationMixin):
 
         record = run_dir.read_record(path)
         run_dir.warn_if_interrupted(path, record)
+        run_dir.check_weight_files(path)
         load_kw = {"attn_implementation": attn_implementation} if attn_implementation is not None else {}
         if record.format == "full":
             return cls.from_pretrained(str(path), dtype=dtype, _mllm_plain=True, **load_kw)
