@@ -84,3 +84,104 @@ def test_stage_two_starts_from_stage_one(tiny_components, tmp_path):
         stage2_model.get_base_model().connector.state_dict().items(),
     ):
         assert torch.equal(a, b), name
+
+
+def _logits(model, processor):
+    with torch.no_grad():
+        return model.eval()(**probe_inputs(processor)).logits
+
+
+@pytest.mark.parametrize(
+    ("modes", "fmt"),
+    [
+        ({"tune_llm": "full"}, "full"),
+        ({"tune_llm": "frozen"}, "trained"),
+        ({"tune_llm": "lora", "tune_vision": "full"}, "trained"),
+        ({"tune_llm": "frozen", "tune_vision": "lora"}, "trained"),
+        ({"tune_llm": "qlora"}, "trained"),
+        ({"tune_llm": "lora", "merge": True}, "full"),
+    ],
+)
+def test_round_trip_per_format(tiny_components, tmp_path, modes, fmt):
+    """save_pretrained (via the trainer) -> from_pretrained gives the trained model back, for each format;
+    a second save of the loaded model writes the same files and logits."""
+    import mllm  # noqa: F401  (registers the Auto classes)
+    from mllm.run_dir import read_record
+    from mllm.training.merge import merge
+
+    modes = dict(modes)
+    do_merge = modes.pop("merge", False)
+    trainer = make_run(tiny_components, tmp_path / "run", max_steps=1, save_steps=100, lora_dropout=0.0, **modes)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "run"))
+    run = merge(tmp_path / "run", tmp_path / "merged") if do_merge else tmp_path / "run"
+    assert read_record(run).format == fmt
+    reference, processor = load_model_and_processor(run, quantize=False)
+    expected = _logits(reference, processor)
+    model = AutoModelForImageTextToText.from_pretrained(str(run))
+    assert type(model) is MllmForConditionalGeneration
+    torch.testing.assert_close(_logits(model, processor), expected, rtol=0, atol=1e-4)
+    if fmt == "full":  # a plain model saved with save_pretrained loads back the same
+        model.save_pretrained(tmp_path / "again")
+        again = MllmForConditionalGeneration.from_pretrained(str(tmp_path / "again"))
+        torch.testing.assert_close(_logits(again, processor), expected, rtol=0, atol=1e-4)
+
+
+def _stage1(tiny_components, tmp_path, **overrides):
+    trainer = make_run(tiny_components, tmp_path / "s1", max_steps=1, save_steps=100, **overrides)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "s1"))
+    return tmp_path / "s1"
+
+
+def _stage2_config(tiny_components, tmp_path, *overrides):
+    return build_run_config(
+        None,
+        [
+            f"init_from={tmp_path / 's1'}",
+            "data_path=unused.json",
+            f"output_dir={tmp_path / 's2'}",
+            "use_cpu=true",
+            "tune_llm=lora",
+            "lora_r=4",
+            "lora_alpha=8",
+            *overrides,
+        ],
+    )
+
+
+def test_init_from_refuses_a_changed_architecture_key(tiny_components, tmp_path):
+    from mllm.config import ConfigError
+    from mllm.training.stages import load_for_training
+
+    _stage1(tiny_components, tmp_path)
+    for override, both in (
+        ("connector_depth=3", ("3", "2")),
+        ("vision_feature_layer=-1", ("-1", "-2")),
+        (f"model_name_or_path={tiny_components['qwen2']}", (str(tiny_components["qwen2"]), str(tiny_components["llama"]))),
+    ):
+        run = _stage2_config(tiny_components, tmp_path, override)
+        with pytest.raises(ConfigError) as err:
+            load_for_training(run)
+        key = override.split("=")[0]
+        assert f"`{key}`" in str(err.value) and all(v in str(err.value) for v in both), str(err.value)
+    # the same values as the earlier run are fine, and the record keeps the earlier components
+    run = _stage2_config(
+        tiny_components, tmp_path, "connector_depth=2", f"vision_tower={tiny_components['clip-vision']}"
+    )
+    _, _, record = load_for_training(run)
+    assert record.model_name_or_path == str(tiny_components["llama"])
+    assert record.tuning["tune_llm"] == "lora"
+
+
+@pytest.mark.parametrize("stage1_llm", ["frozen", "full"])
+def test_init_from_applies_attn_implementation(tiny_components, tmp_path, stage1_llm):
+    """attn_implementation is a runtime choice: a later stage sets it (it was silently dropped before)."""
+    from mllm.training.stages import load_for_training
+
+    _stage1(tiny_components, tmp_path, tune_llm=stage1_llm)
+    for impl in ("eager", "sdpa"):
+        model, _, _ = load_for_training(
+            _stage2_config(tiny_components, tmp_path, f"attn_implementation={impl}", "tune_llm=frozen")
+        )
+        assert model.language_model.config._attn_implementation == impl
