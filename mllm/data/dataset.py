@@ -27,7 +27,14 @@ from mllm.data.images import load_image
 from mllm.data.templates import IGNORE_INDEX, get_template, render_and_mask_batch
 from mllm.models.processing_mllm import MllmProcessor
 
-__all__ = ["SkipReport", "SupervisedDataset", "build_dataset", "expand_image_tokens", "write_skip_report"]
+__all__ = [
+    "EmptyDatasetError",
+    "SkipReport",
+    "SupervisedDataset",
+    "build_dataset",
+    "expand_image_tokens",
+    "write_skip_report",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -260,6 +267,10 @@ def write_skip_report(
     save_json(report, path)
 
 
+class EmptyDatasetError(ValueError):
+    """No record of a data file survives the checks; the message gives the counts by reason."""
+
+
 def build_dataset(
     data_path: str | os.PathLike[str],
     image_folder: str | os.PathLike[str] | None,
@@ -269,8 +280,18 @@ def build_dataset(
     bad_data: str = "skip",
     truncation: str = "drop",
 ) -> SupervisedDataset:
-    """``load_records`` + ``SupervisedDataset``; ``dataset.skipped`` holds the counts of both steps."""
+    """``load_records`` + ``SupervisedDataset``; ``dataset.skipped`` holds the counts of both steps.
+
+    Raises `EmptyDatasetError` (with the skip counts by reason) when no record is left.
+    """
     records, skipped = load_records(data_path, image_folder, bad_data)
     dataset = SupervisedDataset(records, processor, template, model_max_length, bad_data, truncation)
     dataset.skipped.update(skipped)
+    if len(dataset) == 0:
+        counts = ", ".join(f"{reason}={n}" for reason, n in sorted(dataset.skipped.items()))
+        raise EmptyDatasetError(
+            f"no record of `{data_path}` is usable: {sum(dataset.skipped.values())} skipped"
+            + (f" ({counts})" if counts else " (the file holds no records)")
+            + "; `python -m data_tools.validate` lists them."
+        )
     return dataset
