@@ -73,3 +73,94 @@ def test_unreadable_data_file_exits_2(tiny_components, tmp_path, capsys):
     bad.write_text("{not json")
     assert main(_args(tiny_components, bad)) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_no_model_checks_formats_images_and_placeholders(synth_small, tmp_path, capsys):
+    records = json.loads((synth_small / "stage2_train.json").read_text())
+    records[0]["conversations"][0]["value"] += " <image>"  # 2 placeholders, 1 image
+    records[1]["image"] = "images/missing.png"
+    data = tmp_path / "d.json"
+    data.write_text(json.dumps(records))
+    rc = main([str(data), "--image-folder", str(synth_small), "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 1
+    assert "image_count_mismatch=1" in out and "missing_image=1" in out
+    assert "tokens per sample" not in out and "token lengths not checked" in out
+
+
+def test_recipe_gives_token_lengths_with_the_recipe_keys(tiny_components, synth_small, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        f"vision_tower: {tiny_components['clip-vision']}\n"
+        f"model_name_or_path: {tiny_components['llama']}\n"
+        f"data_path: {synth_small / 'stage2_train.json'}\n"
+        f"image_folder: {synth_small}\n"
+        "template: auto\nmodel_max_length: 50\n"
+    )
+    rc = main(["--recipe", str(recipe), "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 1 and "model_max_length=50 drops" in out and "tokens per sample" in out
+
+
+def _num_patches(tiny_components) -> int:
+    from mllm.models.vision import vision_config_from
+
+    config = vision_config_from(str(tiny_components["clip-vision"]))
+    return (config.image_size // config.patch_size) ** 2
+
+
+def test_image_tokens_follow_vision_feature_select_strategy_full(tiny_components, tmp_path):
+    """`validate` counted the default (CLS dropped) before, whatever the model keeps."""
+    from data_tools.validate import processor_from_recipe
+
+    components = {
+        "vision_tower": str(tiny_components["clip-vision"]),
+        "model_name_or_path": str(tiny_components["llama"]),
+    }
+    default = processor_from_recipe(components)
+    full = processor_from_recipe({**components, "vision_feature_select_strategy": "full"})
+    assert default.num_image_tokens == _num_patches(tiny_components)
+    assert full.num_image_tokens == _num_patches(tiny_components) + 1  # CLS kept
+
+
+def test_image_tokens_follow_the_qformer_size(tiny_components, synth_small, tmp_path, capsys):
+    """A Q-Former with 8 queries gives 8 image tokens (validate used the default 32 before)."""
+    base = [
+        str(synth_small / "stage1_train.json"),
+        "--model-name-or-path",
+        str(tiny_components["llama"]),
+        "--vision-tower",
+        str(tiny_components["clip-vision"]),
+        "--connector-type",
+        "qformer",
+        "--no-progress",
+        "--report",
+    ]
+    lengths = {}
+    for n in (8, 12):
+        report = tmp_path / f"q{n}.json"
+        assert main([*base, str(report), "--num-query-tokens", str(n)]) == 0, capsys.readouterr().out
+        lengths[n] = json.loads(report.read_text())["lengths"]["min"]
+    assert lengths[12] - lengths[8] == 4  # one image per stage-1 record
+
+
+def test_model_dir_image_tokens_come_from_its_config(tiny_components, tmp_path):
+    """A saved processor that disagrees with its model config: the config's number wins."""
+    from transformers import AutoConfig
+
+    from data_tools.validate import load_processor
+    from mllm.models.configuration_mllm import MllmConfig
+    from mllm.models.processing_mllm import MllmProcessor
+    from mllm.models.vision import vision_config_from
+
+    vision, llm = str(tiny_components["clip-vision"]), str(tiny_components["llama"])
+    config = MllmConfig(
+        vision_config=vision_config_from(vision),
+        text_config=AutoConfig.from_pretrained(llm),
+        connector_type="qformer",
+        num_query_tokens=6,
+    )
+    run = tmp_path / "run"
+    config.save_pretrained(run)
+    MllmProcessor.from_components(vision, llm, num_image_tokens=32).save_pretrained(run)
+    assert load_processor(str(run)).num_image_tokens == 6
