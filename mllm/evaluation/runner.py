@@ -300,9 +300,11 @@ def run_vqa(
     """Answer every question of ``data``; returns prediction rows and metrics."""
     from tqdm.auto import tqdm
 
+    from mllm.data.templates import end_of_turn_token_ids
     from mllm.inference.generate import build_generation_prompt, generate_answers
 
     samples = load_vqa_samples(data, image_folder, limit)
+    stop_ids = end_of_turn_token_ids(processor.tokenizer, template)  # the answer ends where training ended it
     rows: list[dict[str, Any]] = []
     with tqdm(total=len(samples), desc="eval vqa", unit="q") as progress:
         for start in range(0, len(samples), batch_size):
@@ -322,7 +324,13 @@ def run_vqa(
             ]
             images = [_load_images(sample, blank_images) for sample in batch]
             predictions = generate_answers(
-                model, processor, prompts, images, max_new_tokens=max_new_tokens, batch_size=batch_size
+                model,
+                processor,
+                prompts,
+                images,
+                max_new_tokens=max_new_tokens,
+                batch_size=batch_size,
+                stop_token_ids=stop_ids,
             )
             for image_list in images:
                 for image in image_list:

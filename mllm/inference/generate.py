@@ -30,8 +30,9 @@ def build_generation_prompt(
     template with ``add_generation_prompt=True``; a named template (``mllm.data.templates.TEMPLATES``)
     is rendered with an empty assistant turn appended and cut where that turn's supervised answer
     would begin, so the prompt is exactly the prefix the model saw in training. Trailing spaces are
-    dropped (``"ASSISTANT: "`` -> ``"ASSISTANT:"``, as LLaVA prompts), so the answer's first word keeps
-    its leading-space token.
+    dropped with either (``"ASSISTANT: "`` -> ``"ASSISTANT:"``, as LLaVA prompts; ``"<|assistant|> "``
+    -> ``"<|assistant|>"``), so the answer's first word keeps the leading-space token it was trained
+    with: a prompt ending in a lone space token would ask for the space before the end token.
     """
     from mllm.data.templates import TEMPLATES, render
 
@@ -46,7 +47,8 @@ def build_generation_prompt(
                 f"template the model was trained with, one of: {named}."
             )
         messages = [{"role": t.role, "content": t.content} for t in conversation]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        prompt = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return prompt.rstrip(" ")
     rendered = render([*conversation, Turn("assistant", "")], tokenizer, template)
     question = conversation[-1].content
     found = rendered.text.rfind(question) if question else -1  # `plain` drops the question's text
@@ -57,6 +59,13 @@ def build_generation_prompt(
             "is unknown."
         )
     return rendered.text[: rendered.spans[-1][0]].rstrip(" ")
+
+
+def _stop_ids(model: Any, extra: Sequence[int]) -> list[int]:
+    """The model's own EOS id(s) and ``extra``, once each."""
+    own = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    own_ids = [] if own is None else [own] if isinstance(own, int) else list(own)
+    return list(dict.fromkeys([*own_ids, *extra]))
 
 
 def _device_of(model: torch.nn.Module) -> torch.device:
@@ -70,12 +79,15 @@ def generate_answers(
     images: list[list[Image.Image]],
     max_new_tokens: int = 32,
     batch_size: int = 8,
+    stop_token_ids: Sequence[int] | None = None,
     **gen_kwargs: Any,
 ) -> list[str]:
     """Greedy answers for ``prompts`` (one image list per prompt, in placeholder order).
 
     Works for `MllmForConditionalGeneration` and a peft-wrapped one. Only the new tokens are decoded,
-    special tokens are dropped and whitespace stripped. ``gen_kwargs`` go to ``model.generate``
+    special tokens are dropped and whitespace stripped. ``stop_token_ids`` (e.g.
+    `mllm.data.templates.end_of_turn_token_ids`: the template's end-of-turn token, which is often not
+    EOS) end an answer besides the model's own EOS. ``gen_kwargs`` go to ``model.generate``
     (``use_cache``, ``num_beams``, ...); the default is greedy decoding.
     """
     if len(prompts) != len(images):
@@ -86,6 +98,8 @@ def generate_answers(
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     tokenizer = processor.tokenizer
     kwargs = {"do_sample": False, "num_beams": 1, **gen_kwargs}
+    if stop_token_ids:
+        kwargs["eos_token_id"] = _stop_ids(model, stop_token_ids)
     device = _device_of(model)
     answers: list[str] = []
     was_training = model.training
