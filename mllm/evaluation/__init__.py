@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from mllm.evaluation.metrics import METRICS, TASK_METRICS, exact_match, normalize_answer, vqa_accuracy
+from mllm.evaluation.metrics import (
+    METRICS,
+    TASK_METRICS,
+    exact_match,
+    normalize_answer,
+    vqa_accuracy,
+    vqa_accuracy_normalized,
+)
 from mllm.evaluation.runner import TASKS, evaluate, evaluate_model
 
 __all__ = [
@@ -14,4 +21,5 @@ __all__ = [
     "exact_match",
     "normalize_answer",
     "vqa_accuracy",
+    "vqa_accuracy_normalized",
 ]
