@@ -17,7 +17,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-__all__ = ["PARTIAL", "atomic_dir", "atomic_write_bytes", "atomic_write_json", "atomic_write_text", "remove_partials"]
+__all__ = [
+    "PARTIAL",
+    "atomic_dir",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "give_ordinary_permissions",
+    "remove_partials",
+]
 
 PARTIAL = ".partial-"  # marks a staging file or folder: `.NAME.partial-XXXX`
 _OLD = ".old-"  # a destination moved aside while its replacement is renamed in
@@ -50,6 +58,30 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
 def atomic_write_json(path: str | os.PathLike[str], obj: Any, *, indent: int | None = 2) -> None:
     """``obj`` as JSON (UTF-8, keys sorted, trailing newline), written atomically."""
     atomic_write_text(path, json.dumps(obj, ensure_ascii=False, indent=indent, sort_keys=True) + "\n")
+
+
+def _ordinary_mode(folder: Path) -> int:
+    """The mode ``open()`` gives a new file in ``folder`` (0666 less the umask), read without touching the umask."""
+    probe = _sibling(folder / "mode-probe", PARTIAL)
+    fd = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        return os.fstat(fd).st_mode & 0o777
+    finally:
+        os.close(fd)
+        probe.unlink(missing_ok=True)
+
+
+def give_ordinary_permissions(path: str | os.PathLike[str]) -> None:
+    """chmod ``path`` (a file, or every file under a folder) to ``open()``'s mode: writers such as
+    safetensors and ``mkstemp`` create 0600 files, which would stand out among a run dir's files."""
+    path = Path(path)
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file() and not p.is_symlink()]
+    if not files:
+        return
+    mode = _ordinary_mode(path.parent if path.is_file() else path)
+    for file in files:
+        if file.stat().st_mode & 0o777 != mode:
+            os.chmod(file, mode)
 
 
 @contextlib.contextmanager

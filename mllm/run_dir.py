@@ -38,7 +38,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from mllm.io import PARTIAL, atomic_write_json, remove_partials
+from mllm.io import PARTIAL, atomic_write_json, give_ordinary_permissions, remove_partials
 
 __all__ = [
     "ADAPTER_CONFIG",
@@ -402,6 +402,7 @@ def save_run_dir(
             if peft:
                 model.save_pretrained(tmp, state_dict=dict(state_dict), save_embedding_layers=False)
         record.save(tmp)
+        give_ordinary_permissions(tmp)  # safetensors writes 0600 files
         for stale in (FULL_WEIGHTS, TRAINED_WEIGHTS, ADAPTER_CONFIG, ADAPTER_WEIGHTS):
             if not (tmp / stale).exists():
                 (output_dir / stale).unlink(missing_ok=True)

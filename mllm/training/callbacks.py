@@ -11,6 +11,8 @@ from types import FrameType
 import torch.distributed as dist
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
+from mllm.io import give_ordinary_permissions
+
 __all__ = ["GracefulStopCallback", "SkippedRecordsCallback", "SKIPPED_RECORDS"]
 
 logger = logging.getLogger(__name__)
@@ -92,7 +94,9 @@ class SkippedRecordsCallback(TrainerCallback):
             "epoch %.2f: %d skipped record(s) %s", state.epoch or 0.0, sum(counts.values()), dict(counts)
         )
         os.makedirs(args.output_dir, exist_ok=True)
-        self.report.write(os.path.join(args.output_dir, SKIPPED_RECORDS))
+        path = os.path.join(args.output_dir, SKIPPED_RECORDS)
+        self.report.write(path)
+        give_ordinary_permissions(path)  # its writer (formats.save_json, mkstemp) makes it 0600
 
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs):
         self._write(args, state)
