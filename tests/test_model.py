@@ -128,3 +128,31 @@ def test_image_changes_the_output(tiny_components):
         red = model(**processor(prompt, images=[Image.new("RGB", (32, 32), "red")])).logits[0, -1]
         blue = model(**processor(prompt, images=[Image.new("RGB", (32, 32), "blue")])).logits[0, -1]
     assert not torch.allclose(red, blue)
+
+
+@pytest.mark.parametrize(
+    "arch",
+    [
+        {"connector_type": "qformer", "num_query_tokens": 5, "vision_feature_layer": -1},
+        {"connector_type": "mlp", "connector_depth": 3, "vision_feature_select_strategy": "full"},
+    ],
+)
+def test_architecture_is_mapped_once(tiny_components, arch):
+    """`MllmConfig.architecture()` rebuilds the same architecture through `from_components`; the recipe's
+    architecture keys are exactly ModelArguments fields of the same name."""
+    import dataclasses
+
+    from mllm.config import ModelArguments
+    from mllm.models.configuration_mllm import ARCHITECTURE_FIELDS, RECIPE_ARCHITECTURE_KEYS
+
+    assert set(RECIPE_ARCHITECTURE_KEYS) <= set(ARCHITECTURE_FIELDS)
+    assert set(RECIPE_ARCHITECTURE_KEYS) <= {f.name for f in dataclasses.fields(ModelArguments)}
+    vision, llm = tiny_components["clip-vision"], tiny_components["llama"]
+    model = MllmForConditionalGeneration.from_components(vision, llm, **arch)
+    again = MllmForConditionalGeneration.from_components(vision, llm, **model.config.architecture())
+    assert again.config.architecture() == model.config.architecture()
+    assert again.config.num_image_tokens == model.config.num_image_tokens
+    for key, value in arch.items():
+        assert getattr(again.config, key) == value
+    with pytest.raises(ValueError, match="disagree"):
+        MllmForConditionalGeneration.from_components(vision, llm, connector="mlp", connector_type="linear")
