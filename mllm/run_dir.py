@@ -418,7 +418,9 @@ def _trained_tensors(base: nn.Module, sd: Mapping[str, torch.Tensor], record: Ru
     out = {
         k: v
         for k, v in sd.items()
-        if k.split(".", 1)[0] in record.modified and k.split(".", 1)[0] != "language_model" and not _is_lora_key(k)
+        if k.split(".", 1)[0] in record.modified
+        and k.split(".", 1)[0] != "language_model"
+        and not _is_lora_key(k)
     }
     # peft wraps LoRA-targeted layers: `x.base_layer.weight` is the original `x.weight`.
     out = {k.replace(".base_layer.", "."): v for k, v in out.items()}

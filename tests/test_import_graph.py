@@ -54,7 +54,9 @@ def _imports(tree: ast.AST, modules: set[str], here: str, is_package: bool) -> s
 def import_graph() -> dict[str, set[str]]:
     files = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
     return {
-        name: _imports(ast.parse(path.read_text(encoding="utf-8")), set(files), name, path.name == "__init__.py")
+        name: _imports(
+            ast.parse(path.read_text(encoding="utf-8")), set(files), name, path.name == "__init__.py"
+        )
         for name, path in files.items()
     }
 

@@ -111,7 +111,9 @@ def test_round_trip_per_format(tiny_components, tmp_path, modes, fmt):
 
     modes = dict(modes)
     do_merge = modes.pop("merge", False)
-    trainer = make_run(tiny_components, tmp_path / "run", max_steps=1, save_steps=100, lora_dropout=0.0, **modes)
+    trainer = make_run(
+        tiny_components, tmp_path / "run", max_steps=1, save_steps=100, lora_dropout=0.0, **modes
+    )
     trainer.train()
     trainer.save_model(str(tmp_path / "run"))
     run = merge(tmp_path / "run", tmp_path / "merged") if do_merge else tmp_path / "run"
@@ -158,7 +160,10 @@ def test_init_from_refuses_a_changed_architecture_key(tiny_components, tmp_path)
     for override, both in (
         ("connector_depth=3", ("3", "2")),
         ("vision_feature_layer=-1", ("-1", "-2")),
-        (f"model_name_or_path={tiny_components['qwen2']}", (str(tiny_components["qwen2"]), str(tiny_components["llama"]))),
+        (
+            f"model_name_or_path={tiny_components['qwen2']}",
+            (str(tiny_components["qwen2"]), str(tiny_components["llama"])),
+        ),
     ):
         run = _stage2_config(tiny_components, tmp_path, override)
         with pytest.raises(ConfigError) as err:

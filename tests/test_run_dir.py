@@ -53,11 +53,41 @@ def test_unknown_keys_of_a_newer_record_are_kept() -> None:
     ("tuning", "modified", "fmt", "after_merge", "merged_fmt"),
     [
         ({"tune_vision": "frozen", "tune_llm": "frozen"}, {"connector"}, "trained", {"connector"}, "trained"),
-        ({"tune_vision": "full", "tune_llm": "frozen"}, {"connector", "vision_tower"}, "trained", None, "trained"),
-        ({"tune_vision": "frozen", "tune_llm": "full"}, {"connector", "language_model"}, "full", None, "full"),
-        ({"tune_vision": "frozen", "tune_llm": "lora"}, {"connector"}, "trained", {"connector", "language_model"}, "full"),
-        ({"tune_vision": "lora", "tune_llm": "frozen"}, {"connector"}, "trained", {"connector", "vision_tower"}, "trained"),
-        ({"tune_vision": "frozen", "tune_llm": "qlora"}, {"connector"}, "trained", {"connector", "language_model"}, "full"),
+        (
+            {"tune_vision": "full", "tune_llm": "frozen"},
+            {"connector", "vision_tower"},
+            "trained",
+            None,
+            "trained",
+        ),
+        (
+            {"tune_vision": "frozen", "tune_llm": "full"},
+            {"connector", "language_model"},
+            "full",
+            None,
+            "full",
+        ),
+        (
+            {"tune_vision": "frozen", "tune_llm": "lora"},
+            {"connector"},
+            "trained",
+            {"connector", "language_model"},
+            "full",
+        ),
+        (
+            {"tune_vision": "lora", "tune_llm": "frozen"},
+            {"connector"},
+            "trained",
+            {"connector", "vision_tower"},
+            "trained",
+        ),
+        (
+            {"tune_vision": "frozen", "tune_llm": "qlora"},
+            {"connector"},
+            "trained",
+            {"connector", "language_model"},
+            "full",
+        ),
     ],
 )
 def test_format_rules(tuning, modified, fmt, after_merge, merged_fmt) -> None:
@@ -84,10 +114,21 @@ def test_secrets_are_masked_and_settings_kept() -> None:
     assert is_secret_key("wandb_api_key")
     for setting in ("image_token", "num_query_tokens", "model_max_length", "include_num_input_tokens_seen"):
         assert not is_secret_key(setting), setting
-    masked = mask_secrets({"hub_token": "SECRET123", "image_token": "<image>", "num_query_tokens": 8, "x_token": None})
-    assert masked == {"hub_token": "<HUB_TOKEN>", "image_token": "<image>", "num_query_tokens": 8, "x_token": None}
+    masked = mask_secrets(
+        {"hub_token": "SECRET123", "image_token": "<image>", "num_query_tokens": 8, "x_token": None}
+    )
+    assert masked == {
+        "hub_token": "<HUB_TOKEN>",
+        "image_token": "<image>",
+        "num_query_tokens": 8,
+        "x_token": None,
+    }
     record = RunRecord.new(
-        vision_tower="v", model_name_or_path="l", tuning=TUNING, base_vocab_size=1, config={"hub_token": "SECRET123"}
+        vision_tower="v",
+        model_name_or_path="l",
+        tuning=TUNING,
+        base_vocab_size=1,
+        config={"hub_token": "SECRET123"},
     )
     assert "SECRET123" not in json.dumps(record.to_json())
     # an old record with a token in clear is masked when read (and so when saved again)

@@ -109,7 +109,9 @@ def test_eval_data_path_without_eval_strategy_evaluates_at_the_end(tiny_componen
     more = [f"eval_data_path={data / 'stage1_train.json'}", "max_steps=1", "save_steps=100"]
     result = train(build_run_config(None, overrides(tiny_components, data, out, *more)))
     assert result.eval_metrics["eval_loss"] > 0
-    assert json.loads((out / "eval_results.json").read_text())["eval_loss"] == result.eval_metrics["eval_loss"]
+    assert (
+        json.loads((out / "eval_results.json").read_text())["eval_loss"] == result.eval_metrics["eval_loss"]
+    )
 
 
 def test_resume_from_checkpoint_true_continues_from_the_last_checkpoint(
@@ -158,7 +160,9 @@ raise SystemExit(stages.train(build_run_config(None, sys.argv[2:])).exit_code)
 
 
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_a_stopped_run_exits_non_zero_and_is_marked_interrupted(tiny_components, data, tmp_path, signum, code):
+def test_a_stopped_run_exits_non_zero_and_is_marked_interrupted(
+    tiny_components, data, tmp_path, signum, code
+):
     out, flag = tmp_path / "run", tmp_path / "started"
     argv = overrides(tiny_components, data, out, "max_steps=100000", "save_steps=100000")
     proc = subprocess.Popen(

@@ -83,7 +83,9 @@ class MllmForConditionalGeneration(MllmPreTrainedModel, GenerationMixin):
         """
         connector_type = config_kwargs.pop("connector_type", None)
         if connector is not None and connector_type is not None and connector != connector_type:
-            raise ValueError(f"connector={connector!r} and connector_type={connector_type!r} disagree; pass one.")
+            raise ValueError(
+                f"connector={connector!r} and connector_type={connector_type!r} disagree; pass one."
+            )
         connector = connector_type or connector or "mlp"
         vision_config = load_config_or_explain("vision tower", vision, vision_config_from)
         text_config = load_config_or_explain("LLM", llm)

@@ -25,7 +25,9 @@ def merge(path: str | os.PathLike, output: str | os.PathLike, *, dtype: torch.dt
     """
     record = read_record(path)
     if not record.lora_components:
-        raise ValueError(f"`{path}` was not tuned with LoRA (tuning {dict(record.tuning)}): nothing to merge.")
+        raise ValueError(
+            f"`{path}` was not tuned with LoRA (tuning {dict(record.tuning)}): nothing to merge."
+        )
     if Path(output).resolve() == Path(path).resolve():
         raise ValueError(f"--output must differ from the run dir `{path}`.")
     model, processor = load_model_and_processor(path, dtype=dtype, merge_lora=True, quantize=False)

@@ -88,8 +88,10 @@ def check_inherited(run: RunConfig, previous: RunRecord, config: MllmConfig) -> 
         if key not in run.source:
             continue
         value = getattr(run.model, key)
-        same = _same_component(str(value), str(earlier[key])) if key in ("vision_tower", "model_name_or_path") else (
-            value == earlier[key]
+        same = (
+            _same_component(str(value), str(earlier[key]))
+            if key in ("vision_tower", "model_name_or_path")
+            else (value == earlier[key])
         )
         if not same:
             raise ConfigError(
