@@ -33,7 +33,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
-from peft import PeftModel, set_peft_model_state_dict
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -335,8 +334,14 @@ def resolve_resume(value: str | bool | None, output_dir: str | os.PathLike[str])
 
 
 # -- writing ------------------------------------------------------------------------------------
+def _is_peft(model: nn.Module) -> bool:
+    from peft import PeftModel  # imported when used: peft pulls in bitsandbytes, which warns at import
+
+    return isinstance(model, PeftModel)
+
+
 def _unwrap(model: nn.Module) -> nn.Module:
-    return model.get_base_model() if isinstance(model, PeftModel) else model
+    return model.get_base_model() if _is_peft(model) else model
 
 
 def _base_key(key: str) -> str:
@@ -381,7 +386,7 @@ def save_run_dir(
     if state_dict is None:
         state_dict = model.state_dict()
     sd = {_base_key(k): v for k, v in state_dict.items()}
-    peft = isinstance(model, PeftModel)
+    peft = _is_peft(model)
     if record.format == "full" and peft:
         raise ValueError("a full-weight output dir cannot also carry a LoRA adapter (merge it first).")
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -499,12 +504,14 @@ def load_weights_into(model: nn.Module, path: str | os.PathLike[str]) -> None:
         if "output_embeddings" in rows:
             base.get_output_embeddings().weight[n:].copy_(rows["output_embeddings"])
     adapter = has_adapter(path)
-    if isinstance(model, PeftModel) != adapter:
+    if _is_peft(model) != adapter:
         raise ValueError(
             f"`{path}` {'holds' if adapter else 'holds no'} LoRA adapter but the model "
             f"{'is not' if adapter else 'is'} a peft model."
         )
     if adapter:
+        from peft import set_peft_model_state_dict
+
         result = set_peft_model_state_dict(model, _read_safetensors(path / ADAPTER_WEIGHTS))
         if result.unexpected_keys:
             raise ValueError(f"`{path}`: adapter keys the model does not have: {result.unexpected_keys[:5]}")
