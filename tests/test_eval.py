@@ -76,6 +76,7 @@ def test_evaluate_writes_predictions_and_consistent_metrics(
         "exact_match",
         "vqa_accuracy",
         "num_samples",
+        "num_skipped",
         "majority_baseline",
         "question_type_prior",  # the synthetic files carry question_type
         "exact_match_by_type",
@@ -466,3 +467,56 @@ def test_eval_of_a_model_trained_on_llava_records_scores_what_its_answers_deserv
     assert metrics["vqa_accuracy"] == pytest.approx(deserved)  # one reference answer: exact match
     print(f"exact match {deserved:.3f}, majority baseline {metrics['majority_baseline']:.3f}")
     assert deserved >= 0.6 and metrics["majority_baseline"] < deserved - 0.2, metrics
+
+
+def _rows_with_bad_images(vqa_dir: Path, tmp_path: Path) -> Path:
+    """The first 6 questions of vqa_val.jsonl with a missing and an unreadable image among them."""
+    rows = _read_jsonl(vqa_dir / "vqa_val.jsonl")[:6]
+    (tmp_path / "broken.png").write_bytes(b"not a png")
+    rows[1]["image"] = str(vqa_dir / "no-such-image.png")
+    rows[3]["image"] = str(tmp_path / "broken.png")
+    for row in rows:
+        if not Path(row["image"]).is_absolute():
+            row["image"] = str(vqa_dir / row["image"])
+    data = tmp_path / "bad.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return data
+
+
+def test_missing_and_broken_images_are_skipped_counted_and_named(
+    saved_model: Path, vqa_dir: Path, tmp_path: Path
+) -> None:
+    data = _rows_with_bad_images(vqa_dir, tmp_path)
+    metrics = evaluate(str(saved_model), "vqa", str(data), output=str(tmp_path / "out"), max_new_tokens=2)
+    assert metrics["num_samples"] == 4 and metrics["num_skipped"] == 2
+    assert metrics["skipped"] == {"missing_image": 1, "unreadable_image": 1}
+    ids = [row["question_id"] for row in _read_jsonl(data)]
+    assert [q["question_id"] for q in metrics["skipped_questions"]] == [ids[1], ids[3]]
+    assert len(_read_jsonl(tmp_path / "out" / "predictions.jsonl")) == 4
+
+
+def test_strict_stops_at_the_first_bad_image(saved_model: Path, vqa_dir: Path, tmp_path: Path) -> None:
+    """As a user types it: `mllm eval ... --strict` exits non-zero naming the file."""
+    import subprocess
+    import sys
+
+    data = _rows_with_bad_images(vqa_dir, tmp_path)
+    done = subprocess.run(
+        [sys.executable, "-m", "mllm", "eval", str(saved_model), "--task", "vqa", "--data", str(data),
+         "--output", str(tmp_path / "out"), "--max-new-tokens", "2", "--strict"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode != 0
+    assert "no-such-image.png" in done.stderr
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_image_paths_cannot_leave_the_image_folder(vqa_dir: Path, tmp_path: Path) -> None:
+    row = _read_jsonl(vqa_dir / "vqa_val.jsonl")[0]
+    row["image"] = "../" + Path(vqa_dir).name + "/" + row["image"]
+    data = tmp_path / "escape.jsonl"
+    data.write_text(json.dumps(row) + "\n", encoding="utf-8")
+    folder = tmp_path / "images"
+    folder.mkdir()
+    with pytest.raises(ValueError, match="outside --image-folder"):
+        load_vqa_samples(data, image_folder=folder)

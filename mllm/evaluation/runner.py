@@ -2,7 +2,7 @@
 
     mllm eval MODEL --task vqa --data FILE [--image-folder DIR] [--output DIR] [--batch-size N]
                     [--max-new-tokens N] [--template NAME] [--limit N] [--blank-images]
-                    [--instruction TEXT] [--image-position before|after]
+                    [--instruction TEXT] [--image-position before|after] [--strict]
 
 ``--data`` is read as `mllm train` reads it (``mllm.data.formats.read_raw_records``: json list,
 jsonl, parquet, a ``datasets.save_to_disk`` folder, an imagefolder with ``metadata.jsonl``), one
@@ -35,6 +35,9 @@ of always answering the most frequent answer of the evaluated set; with records 
 ``question_type`` also ``question_type_prior``, the accuracy of answering each type's most frequent
 answer, and ``exact_match_by_type``), both written atomically. ``--blank-images`` replaces every image
 by a mid-grey one of the same size: a model whose accuracy does not drop then is not using the image.
+A question whose image is missing or unreadable is skipped and counted (``num_skipped``, ``skipped``
+by reason and ``skipped_questions`` in metrics.json, a warning on the console); ``--strict`` stops at
+the first one. With ``--image-folder`` a relative image path may not leave that folder.
 """
 
 from __future__ import annotations
@@ -114,8 +117,9 @@ def _answers_of(row: dict[str, Any], source: str) -> tuple[str, ...]:
     return tuple(str(a["answer"]) if isinstance(a, dict) else str(a) for a in raw)
 
 
-def _vqa_image(value: Any, root: Path, source: str) -> ImageRef:
-    """A VQA row's image: a path (relative ones joined to ``root``), or one embedded by `datasets`."""
+def _vqa_image(value: Any, root: Path, source: str, confine: bool = False) -> ImageRef:
+    """A VQA row's image: a path (relative ones joined to ``root``, and kept inside it when
+    ``confine``, as training keeps them inside ``image_folder``), or one embedded by `datasets`."""
     if isinstance(value, dict) and value.get("bytes"):  # an undecoded datasets.Image value
         return Image.open(io.BytesIO(value["bytes"]))
     if isinstance(value, dict):
@@ -124,16 +128,19 @@ def _vqa_image(value: Any, root: Path, source: str) -> ImageRef:
         return value
     if not isinstance(value, str) or not value:
         raise ValueError(f"{source}: a VQA record's `image` is a path (or a list of paths).")
-    return str(root / value)  # an absolute path stays as it is
+    full = os.path.normpath(os.path.join(root.absolute(), value))  # an absolute path stays as it is
+    if confine and os.path.commonpath([str(root.absolute()), full]) != str(root.absolute()):
+        raise ValueError(f"{source}: image {value!r} resolves to {full}, outside --image-folder {root}.")
+    return full
 
 
-def _vqa_row(row: dict[str, Any], source: str, root: Path) -> VqaSample:
+def _vqa_row(row: dict[str, Any], source: str, root: Path, confine: bool = False) -> VqaSample:
     qid = row.get("question_id", row.get("id"))
     if qid is None:
         raise ValueError(f"{source}: a VQA record needs `question_id` (or `id`).")
     image = row.get("image")
     paths = [] if image in (None, "") else image if isinstance(image, list) else [image]
-    images = tuple(_vqa_image(value, root, source) for value in paths)
+    images = tuple(_vqa_image(value, root, source, confine) for value in paths)
     qtype = row.get("question_type")
     return VqaSample(
         str(qid),
@@ -193,7 +200,7 @@ def load_vqa_samples(
         ):
             samples.append(_conversation_row(row, source, image_folder, base))
         elif isinstance(row, dict) and "question" in row:
-            samples.append(_vqa_row(row, source, root))
+            samples.append(_vqa_row(row, source, root, confine=image_folder is not None))
         else:
             raise ValueError(
                 f"{source}: an evaluation record is a VQA row with a `question` and `answers`, or a training "
@@ -262,6 +269,8 @@ def exact_match_by_type(samples: Sequence[VqaSample], predictions: Sequence[str]
 
 
 def _load_images(sample: VqaSample, blank: bool) -> list[Image.Image]:
+    """The sample's images, decoded (mid-grey ones with ``blank``); raises ``BadRecordError``
+    (missing / unreadable / zero-size) naming the question and the file."""
     from mllm.data.images import load_image
 
     images = []
@@ -296,19 +305,42 @@ def run_vqa(
     blank_images: bool,
     instruction: str | None = None,
     image_position: str = "before",
+    strict: bool = False,
 ) -> tuple[list[dict[str, Any]], dict[str, float]]:
-    """Answer every question of ``data``; returns prediction rows and metrics."""
+    """Answer every question of ``data``; returns prediction rows and metrics. A question whose image
+    is missing or unreadable is skipped and counted (``num_skipped``, ``skipped`` by reason,
+    ``skipped_questions``), or with ``strict`` stops the run with its error."""
     from tqdm.auto import tqdm
 
+    from mllm.data.errors import BadRecordError
     from mllm.data.templates import end_of_turn_token_ids
     from mllm.inference.generate import build_generation_prompt, generate_answers
 
     samples = load_vqa_samples(data, image_folder, limit)
+    skipped: list[dict[str, str]] = []  # questions whose image could not be read
+    answered: list[VqaSample] = []
     stop_ids = end_of_turn_token_ids(processor.tokenizer, template)  # the answer ends where training ended it
     rows: list[dict[str, Any]] = []
     with tqdm(total=len(samples), desc="eval vqa", unit="q") as progress:
         for start in range(0, len(samples), batch_size):
-            batch = samples[start : start + batch_size]
+            chunk = samples[start : start + batch_size]
+            batch, images = [], []
+            for sample in chunk:
+                try:
+                    images.append(_load_images(sample, blank_images))
+                except BadRecordError as err:
+                    if strict:
+                        raise
+                    skipped.append(
+                        {"question_id": sample.question_id, "reason": err.reason, "detail": str(err)}
+                    )
+                    logger.warning("skipped question %s: %s", sample.question_id, err)
+                    continue
+                batch.append(sample)
+            progress.update(len(chunk) - len(batch))  # the skipped ones
+            if not batch:
+                continue
+            answered.extend(batch)
             prompts = [
                 build_generation_prompt(
                     prompt_turns(
@@ -322,7 +354,6 @@ def run_vqa(
                 )
                 for sample in batch
             ]
-            images = [_load_images(sample, blank_images) for sample in batch]
             predictions = generate_answers(
                 model,
                 processor,
@@ -348,11 +379,22 @@ def run_vqa(
                 for s, prompt, p in zip(batch, prompts, predictions)
             )
             progress.update(len(batch))
+    samples = answered
     references = [s.answers for s in samples]
     predictions = [r["prediction"] for r in rows]
     metrics = compute_metrics("vqa", predictions, references)
     majority, baseline = majority_baseline(references)
-    metrics.update(num_samples=len(samples), majority_baseline=baseline)
+    metrics.update(num_samples=len(samples), majority_baseline=baseline, num_skipped=len(skipped))
+    if skipped:
+        metrics.update(skipped=dict(Counter(s["reason"] for s in skipped)), skipped_questions=skipped)
+        logger.warning(
+            "skipped %d of %d questions whose image could not be read (%s); metrics are over the other %d. "
+            "--strict stops at the first one instead.",
+            len(skipped),
+            len(skipped) + len(samples),
+            ", ".join(f"{k}: {v}" for k, v in metrics["skipped"].items()),
+            len(samples),
+        )
     if any(s.question_type is not None for s in samples):
         metrics.update(
             question_type_prior=question_type_prior(samples),
@@ -385,6 +427,7 @@ def evaluate_model(
     blank_images: bool = False,
     instruction: str | None = None,
     image_position: str = "before",
+    strict: bool = False,
 ) -> dict[str, float]:
     """`evaluate` on an already loaded model and processor."""
     from mllm.data.formats import save_json, save_jsonl
@@ -405,6 +448,7 @@ def evaluate_model(
         blank_images=blank_images,
         instruction=instruction,
         image_position=image_position,
+        strict=strict,
     )
     output = Path(output)
     save_jsonl(rows, output / "predictions.jsonl")
@@ -441,6 +485,7 @@ def evaluate(
     image_position: str = "before",
     device: str | None = None,
     dtype: str | None = None,
+    strict: bool = False,
 ) -> dict[str, float]:
     """Load any output dir of `mllm train`, answer ``data`` and write ``predictions.jsonl`` and
     ``metrics.json`` into ``output`` (default ``MODEL/eval/TASK``); returns the metrics.
@@ -479,6 +524,7 @@ def evaluate(
         blank_images=blank_images,
         instruction=instruction,
         image_position=image_position,
+        strict=strict,
     )
 
 
@@ -527,6 +573,11 @@ def _parser() -> argparse.ArgumentParser:
         "it; training records keep their <image> where it stands",
     )
     parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop at the first missing or unreadable image (default: skip the question and count it)",
+    )
+    parser.add_argument(
         "--dtype",
         default=None,
         choices=_DTYPES,
@@ -558,6 +609,7 @@ def main(argv: list[str] | None = None) -> int:
         instruction=args.instruction,
         device=args.device,
         dtype=args.dtype,
+        strict=args.strict,
     )
     print(json.dumps(metrics, indent=2))
     return 0
