@@ -20,6 +20,7 @@ from typing import Any
 __all__ = [
     "PARTIAL",
     "atomic_dir",
+    "atomic_text_file",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
@@ -35,19 +36,31 @@ def _sibling(path: Path, kind: str) -> Path:
     return path.parent / f".{path.name}{kind}{uuid.uuid4().hex[:8]}"
 
 
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temporary sibling, then rename it into place."""
+@contextlib.contextmanager
+def _atomic_file(path: str | os.PathLike[str], mode: str, **open_kwargs: Any) -> Iterator[Any]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _sibling(path, PARTIAL)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, as for open()
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        with os.fdopen(fd, mode, **open_kwargs) as f:
+            yield f
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+def atomic_text_file(path: str | os.PathLike[str]) -> contextlib.AbstractContextManager[Any]:
+    """A UTF-8 text file to write into (``with atomic_text_file(p) as f: ...``); it replaces ``path``
+    only when the block completes, so large outputs stream without being held in memory."""
+    return _atomic_file(path, "w", encoding="utf-8", newline="\n")
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary sibling, then rename it into place."""
+    with _atomic_file(path, "wb") as f:
+        f.write(data)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:

@@ -40,7 +40,7 @@ from transformers import (
     CLIPVisionModel,
 )
 
-from mllm.training.checkpoint import atomic_dir
+from mllm.io import atomic_dir
 
 __all__ = ["load_regions", "main", "pretrain_clip"]
 

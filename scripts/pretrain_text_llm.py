@@ -27,7 +27,7 @@ from transformers import (
     set_seed,
 )
 
-from mllm.training.checkpoint import atomic_dir
+from mllm.io import atomic_dir
 
 __all__ = ["captions_by_image", "conversation_texts", "pretrain_text_llm", "main"]
 

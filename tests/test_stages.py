@@ -141,8 +141,7 @@ def test_resume_true_without_a_checkpoint_fails_first(tiny_components, data, tmp
 _STOP_SCRIPT = """
 import sys
 from pathlib import Path
-from mllm.config import build_run_config
-from mllm.training import stages
+from mllm.cli import main
 from mllm.training.trainer import MllmTrainer
 
 flag = Path(sys.argv[1])
@@ -155,7 +154,7 @@ def training_step(self, *args, **kwargs):
     return loss
 
 MllmTrainer.training_step = training_step
-raise SystemExit(stages.train(build_run_config(None, sys.argv[2:])).exit_code)
+raise SystemExit(main(["train", *sys.argv[2:]]))  # `mllm train RECIPE key=value ...`, as typed
 """
 
 
@@ -165,8 +164,10 @@ def test_a_stopped_run_exits_non_zero_and_is_marked_interrupted(
 ):
     out, flag = tmp_path / "run", tmp_path / "started"
     argv = overrides(tiny_components, data, out, "max_steps=100000", "save_steps=100000")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text("report_to: none\n", encoding="utf-8")
     proc = subprocess.Popen(
-        [sys.executable, "-c", _STOP_SCRIPT, str(flag), *argv],
+        [sys.executable, "-c", _STOP_SCRIPT, str(flag), str(recipe), *argv],
         cwd=REPO,
         env={**os.environ, "PYTHONPATH": str(REPO)},
         stdout=subprocess.DEVNULL,

@@ -18,7 +18,6 @@ import io
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +26,7 @@ from typing import Any
 from PIL import Image, UnidentifiedImageError
 
 from mllm.data.errors import BadRecordError
+from mllm.io import atomic_text_file
 from mllm.messages import flatten_content
 
 __all__ = [
@@ -402,17 +402,9 @@ def record_to_llava(record: Record, image_folder: str | os.PathLike[str] | None 
 
 
 def _atomic_write(path: str | os.PathLike[str], write: Callable[[io.TextIOBase], None]) -> None:
-    """Write through a temporary file in the same folder, then ``os.replace`` it into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """Write through `mllm.io`'s atomic writer (a hidden sibling renamed into place, ordinary permissions)."""
+    with atomic_text_file(path) as f:
+        write(f)
 
 
 def save_json(obj: Any, path: str | os.PathLike[str], *, indent: int | None = 2) -> None:

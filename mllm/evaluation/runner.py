@@ -465,9 +465,9 @@ def _check_image_position(image_position: str) -> None:
 
 def trained_template(model_path: str | os.PathLike[str]) -> str | None:
     """The ``template`` recorded in the run's ``mllm_run.json`` (None when it recorded none)."""
-    from mllm.training.checkpoint import read_run_record
+    from mllm.run_dir import read_record
 
-    return (read_run_record(model_path).get("config") or {}).get("template")
+    return read_record(model_path).config.get("template")
 
 
 def evaluate(

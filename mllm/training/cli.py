@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
     result = train(run)
     if is_main_process():
         print(summary(result))
-    return 0
+    return result.exit_code  # 130 / 143 when a signal stopped the run (it says how to resume)
 
 
 def summary(result: Any) -> str:
