@@ -38,6 +38,10 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "mllm.training.merge",
         "fold a LoRA adapter into full weights: mllm merge RUN_DIR --output DIR",
     ),
+    "chat": (
+        "mllm.inference.chat",
+        "chat with a model in the terminal: mllm chat MODEL [--image PATH] [--cot] [--beams N]",
+    ),
 }
 
 _PACKAGE_DIR = Path(__file__).resolve().parent

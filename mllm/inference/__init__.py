@@ -1,8 +1,30 @@
-"""Inference: batched generation, the `ChatModel` API, chat and stage-level beam search."""
+"""Inference: batched generation, the `ChatModel` API, `mllm chat` and stage-level beam search.
+
+Names load on first use, so `mllm chat --help` does not import torch.
+"""
 
 from __future__ import annotations
 
-from mllm.inference.api import ChatModel, to_turns
-from mllm.inference.generate import build_generation_prompt, generate_answers
+import importlib
+from typing import TYPE_CHECKING, Any
 
-__all__ = ["ChatModel", "build_generation_prompt", "generate_answers", "to_turns"]
+if TYPE_CHECKING:
+    from mllm.inference.api import ChatModel, to_turns
+    from mllm.inference.generate import build_generation_prompt, generate_answers
+    from mllm.inference.stage_beam import StageBeamSearch
+
+__all__ = ["ChatModel", "StageBeamSearch", "build_generation_prompt", "generate_answers", "to_turns"]
+
+_WHERE = {
+    "ChatModel": "mllm.inference.api",
+    "to_turns": "mllm.inference.api",
+    "build_generation_prompt": "mllm.inference.generate",
+    "generate_answers": "mllm.inference.generate",
+    "StageBeamSearch": "mllm.inference.stage_beam",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _WHERE:
+        return getattr(importlib.import_module(_WHERE[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

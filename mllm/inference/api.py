@@ -23,7 +23,7 @@ import os
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Union
+from typing import Any
 
 from PIL import Image
 
@@ -31,7 +31,7 @@ from mllm.data.formats import Turn
 
 __all__ = ["ChatModel", "Conversation", "to_turns"]
 
-Conversation = Union[str, Sequence[Turn], Sequence[dict[str, Any]]]
+Conversation = str | Sequence[Turn] | Sequence[dict[str, Any]]
 """One user prompt, a list of `Turn`, or chat messages (``role`` / ``content``, content a string or a
 list of ``{"type": "image", "image": PATH_OR_PIL}`` / ``{"type": "text", "text": ...}`` parts)."""
 
