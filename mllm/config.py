@@ -88,6 +88,7 @@ class DataArguments:
     )
     packing: bool = False  # pack several samples into one row (attention kept within samples)
     group_by_modality_length: bool = True  # length-grouped batches, image and text-only apart
+    allow_symlinks: bool = False  # follow symlinks in image_folder that point outside it (refused by default)
 
 
 @dataclass

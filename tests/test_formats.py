@@ -113,6 +113,24 @@ def test_path_escaping_image_folder(tmp_path, path):
     assert err.reason == "path_escapes_root" and "r1" in str(err) and "d.json#3" in str(err)
 
 
+def test_symlink_leading_out_of_the_image_folder_is_refused_unless_allowed(tmp_path):
+    """A link inside image_folder to a file outside it is a way out too (training and eval)."""
+    outside = tmp_path / "secret.png"
+    Image.new("RGB", (8, 8)).save(outside)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    (folder / "inside.png").symlink_to(outside)
+    (folder / "real.png").write_bytes(outside.read_bytes())
+    (folder / "sub").mkdir()
+    (folder / "sub" / "to-real.png").symlink_to(folder / "real.png")
+    err = _bad(dict(LLAVA, image="inside.png"), folder)
+    assert err.reason == "path_escapes_root" and "symlink" in str(err) and "allow_symlinks" in str(err)
+    allowed = normalize_record(dict(LLAVA, image="inside.png"), "d.json#3", folder, allow_symlinks=True)
+    assert allowed.images == (str(folder / "inside.png"),)
+    inside = normalize_record(dict(LLAVA, image="sub/to-real.png"), "d.json#3", folder)  # stays inside
+    assert inside.images == (str(folder / "sub" / "to-real.png"),)
+
+
 @pytest.mark.parametrize(
     "raw,key",
     [

@@ -279,12 +279,13 @@ def build_dataset(
     model_max_length: int | None,
     bad_data: str = "skip",
     truncation: str = "drop",
+    allow_symlinks: bool = False,
 ) -> SupervisedDataset:
     """``load_records`` + ``SupervisedDataset``; ``dataset.skipped`` holds the counts of both steps.
 
     Raises `EmptyDatasetError` (with the skip counts by reason) when no record is left.
     """
-    records, skipped = load_records(data_path, image_folder, bad_data)
+    records, skipped = load_records(data_path, image_folder, bad_data, allow_symlinks=allow_symlinks)
     dataset = SupervisedDataset(records, processor, template, model_max_length, bad_data, truncation)
     dataset.skipped.update(skipped)
     if len(dataset) == 0:

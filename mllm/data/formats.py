@@ -179,19 +179,29 @@ def normalize_record(
     image_folder: str | os.PathLike[str] | None = None,
     *,
     check_root: bool = True,
+    allow_symlinks: bool = False,
 ) -> Record:
     """Turn one raw LLaVA or ``messages`` record into a :class:`Record`.
 
     Relative image paths are joined to ``image_folder`` and must stay inside it (else
-    ``path_escapes_root``; ``check_root=False`` skips that check, for format converters);
-    without ``image_folder`` they are resolved against the current directory.
+    ``path_escapes_root``; ``check_root=False`` skips that check, for format converters), and so
+    must the file a symlink inside it points to, unless ``allow_symlinks``; without
+    ``image_folder`` they are resolved against the current directory.
     Raises ``BadRecordError("bad_schema")`` naming the offending key.
     """
     root = os.path.abspath(image_folder) if image_folder is not None else None
-    return _normalize(raw, source, root=root if check_root else None, base_dir=root or os.getcwd())
+    return _normalize(
+        raw,
+        source,
+        root=root if check_root else None,
+        base_dir=root or os.getcwd(),
+        allow_symlinks=allow_symlinks,
+    )
 
 
-def _normalize(raw: Any, source: str, *, root: str | None, base_dir: str) -> Record:
+def _normalize(
+    raw: Any, source: str, *, root: str | None, base_dir: str, allow_symlinks: bool = False
+) -> Record:
     """``root``: paths must stay inside it; ``base_dir``: where relative paths start when there is no root."""
     if not isinstance(raw, dict):
         raise BadRecordError(
@@ -215,7 +225,9 @@ def _normalize(raw: Any, source: str, *, root: str | None, base_dir: str) -> Rec
     if key is None:
         key, value = "messages", part_images
     values = value if isinstance(value, list) else [value]
-    images = tuple(_image_ref(v, f"{key}[{i}]", root, base_dir, bad) for i, v in enumerate(values))
+    images = tuple(
+        _image_ref(v, f"{key}[{i}]", root, base_dir, bad, allow_symlinks) for i, v in enumerate(values)
+    )
 
     if len(images) == 1 and not any(IMAGE_PLACEHOLDER in t.content for t in turns):
         # LLaVA's single-image convention: the image goes in front of the first user turn
@@ -270,7 +282,12 @@ def _message_turns(messages: Any, bad: Callable[[str, str], BadRecordError]) -> 
 
 
 def _image_ref(
-    value: Any, key: str, root: str | None, base_dir: str, bad: Callable[[str, str], BadRecordError]
+    value: Any,
+    key: str,
+    root: str | None,
+    base_dir: str,
+    bad: Callable[[str, str], BadRecordError],
+    allow_symlinks: bool = False,
 ) -> ImageRef:
     if isinstance(value, Image.Image):
         return value
@@ -290,10 +307,17 @@ def _image_ref(
         )
     if root is None:
         return os.path.normpath(os.path.join(base_dir, value))
-    # normpath (not realpath): symlinks inside the image folder may point anywhere, '..' may not
     full = os.path.normpath(os.path.join(root, value))
     if os.path.commonpath([root, full]) != root:
         raise bad("path_escapes_root", f"{key} {value!r} resolves to {full}, outside image_folder {root}")
+    if not allow_symlinks:  # a symlink inside the folder must not lead out of it either
+        real, real_root = os.path.realpath(full), os.path.realpath(root)
+        if os.path.commonpath([real_root, real]) != real_root:
+            raise bad(
+                "path_escapes_root",
+                f"{key} {value!r} is a symlink to {real}, outside image_folder {root} "
+                "(set allow_symlinks: true to follow it)",
+            )
     return full
 
 
@@ -332,6 +356,7 @@ def load_records(
     bad_data: str = "skip",
     *,
     check_images: bool = False,
+    allow_symlinks: bool = False,
 ) -> tuple[list[Record], collections.Counter[str]]:
     """Read, normalise and check every record of ``data_path``.
 
@@ -350,7 +375,7 @@ def load_records(
     raws = read_raw_records(path)
     for raw, source in raws:
         try:
-            record = _normalize(raw, source, root=root, base_dir=base_dir)
+            record = _normalize(raw, source, root=root, base_dir=base_dir, allow_symlinks=allow_symlinks)
             check_record_structure(record)
             if check_images:
                 for ref in record.images:

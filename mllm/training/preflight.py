@@ -44,7 +44,7 @@ def preflight(run: RunConfig) -> None:
     if run.model.init_from:
         check_run_dir(run.model.init_from, key="init_from")
     if data.bad_data == "strict":
-        check_records_and_images(data.data_path, data.image_folder)
+        check_records_and_images(data.data_path, data.image_folder, allow_symlinks=data.allow_symlinks)
 
 
 def check_data_file(path: str | os.PathLike[str], *, key: str = "data_path") -> None:
@@ -138,14 +138,18 @@ def _check_resume(resume: str | bool | None, output_dir: str) -> None:
 
 
 def check_records_and_images(
-    data_path: str | os.PathLike[str], image_folder: str | os.PathLike[str] | None, num_workers: int = 8
+    data_path: str | os.PathLike[str],
+    image_folder: str | os.PathLike[str] | None,
+    num_workers: int = 8,
+    *,
+    allow_symlinks: bool = False,
 ) -> None:
     """``bad_data: strict``: every record normalises and every image opens and decodes."""
     from mllm.data.errors import BadRecordError
     from mllm.data.formats import load_records
 
     try:
-        records, _ = load_records(data_path, image_folder, "strict")
+        records, _ = load_records(data_path, image_folder, "strict", allow_symlinks=allow_symlinks)
         jobs = [(record.id, record.source, ref) for record in records for ref in record.images]
         check_images(jobs, num_workers)
     except BadRecordError as err:

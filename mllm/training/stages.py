@@ -152,6 +152,7 @@ def _dataset(run: RunConfig, data_path: str, processor: MllmProcessor):
         run.data.model_max_length,
         run.data.bad_data,
         run.data.truncation,
+        allow_symlinks=run.data.allow_symlinks,
     )
 
 
