@@ -1,0 +1,615 @@
+"""Stage-level beam search for structured chain-of-thought (LLaVA-CoT, Xu et al. 2024,
+https://arxiv.org/abs/2411.10440, section 3.3; reference code: PKU-YuanGroup/LLaVA-CoT
+``inference/demo/simple_inference.py``).
+
+The answer is written in tagged stages (``<SUMMARY>``, ``<CAPTION>``, ``<REASONING>``,
+``<CONCLUSION>`` by default). For each stage N candidates are sampled until they close the stage's
+tag, one is kept -- by LLaVA-CoT's pairwise knock-out judged by the model itself (the winner of two
+meets the next candidate), by mean token log-probability, or by a user's scoring function -- and
+appended to the answer before the next stage. ``method="best_of_n"`` (whole answers, judged the
+same way) and ``method="sentence"`` (sentence-level beam search) are the paper's baselines.
+
+Unlike the reference, which calls ``generate`` once per candidate and per judgement (re-encoding
+the image and re-prefilling the whole accepted prefix each time, and decoding the whole sequence
+at every step to look for the tag), here:
+
+- the image is encoded once per question (``get_image_features``), its features reused for every
+  prefill, judges included;
+- the accepted prefix lives in one KV cache (`transformers.DynamicCache`), expanded
+  (``batch_repeat_interleave``) for the N candidates, which decode as one batch; the winner's row
+  is kept (``batch_select_indices`` + ``crop``) and extended, never recomputed;
+- a judge prompt reuses the cache of its longest common token prefix with what was already
+  computed (the chat header and the image; the judge text of the stage from the second judgement on);
+- a candidate stops when the tag shows in the decoded text of its last ``len(tag)`` tokens only,
+  so a tag split over several tokens still stops it, at a cost independent of the answer length.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+__all__ = [
+    "DEFAULT_STAGES",
+    "JUDGE_ALL",
+    "JUDGE_SENTENCE",
+    "METHODS",
+    "SearchResult",
+    "Stage",
+    "StageBeamSearch",
+    "parse_verdict",
+]
+
+METHODS = ("stage", "best_of_n", "sentence")
+SELECTIONS = ("judge", "logprob")
+Scorer = Callable[[str, str, dict[str, Any]], float]
+"""``(stage name, candidate text, context) -> score``; the highest score wins. ``context`` holds
+``question`` and ``answer_so_far``."""
+
+# The judge's output format and the pairwise prompt follow LLaVA-CoT's `judge()` (simple_inference.py).
+_FORMAT = (
+    " Please strictly follow the following format requirements when outputting, and don't have any other "
+    'unnecessary words.\n\nOutput format: "Since [reason], I choose response [1/2]."'
+)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One tagged stage: its tags and the judge's instruction for comparing two of its candidates."""
+
+    name: str  # e.g. "SUMMARY"; the tags are <NAME> and </NAME> unless given
+    judge: str  # what the judge is asked to decide
+    recall: str = ""  # the reminder after the two responses
+    hint_from: tuple[str, ...] = ()  # earlier stages whose accepted text the judge sees as a hint
+    open_tag: str = ""
+    close_tag: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.open_tag:
+            object.__setattr__(self, "open_tag", f"<{self.name}>")
+        if not self.close_tag:
+            object.__setattr__(self, "close_tag", f"</{self.name}>")
+
+
+_J = "Now you act as a judge, helping me determine which of the two texts I provide "
+DEFAULT_STAGES: tuple[Stage, ...] = (
+    Stage(
+        "SUMMARY",
+        _J + "better provides a summary of what it should do to solve the question. The summary should focus "
+        "on outlining the main approach instead of stating specific analytical reasoning or math formula.",
+        "Please note that a better summary should focus on outlining the main approach instead of stating "
+        "specific analytical reasoning or math formula.",
+    ),
+    Stage(
+        "CAPTION",
+        _J + "better summarizes the information in the image related to the question, and has fewer errors. "
+        "It is essential that the captions are as thorough as possible while remaining accurate, capturing as "
+        "many details as possible rather than providing only general commentary.",
+        "Please note that a better caption should be as thorough as possible while remaining accurate, "
+        "capturing as many details as possible rather than providing only general commentary.",
+    ),
+    Stage(
+        "REASONING",
+        _J + "better explains the reasoning process to solve the question, and has fewer errors. Begin by "
+        "thoroughly reviewing the question, followed by an in-depth examination of each answer individually, "
+        "noting any differences. Subsequently, analyze these differences to determine which response "
+        "demonstrates stronger reasoning and provide a clear conclusion.",
+        "Begin by thoroughly reviewing the question, followed by an in-depth examination of each answer "
+        "individually, noting any differences. Subsequently, analyze these differences to determine which "
+        "response demonstrates stronger reasoning and provide a clear conclusion.",
+        hint_from=("CAPTION",),
+    ),
+    Stage(
+        "CONCLUSION",
+        _J + "offers a more effective conclusion to the question. The conclusion should align with the "
+        "reasoning presented in the hint. The conclusion should never refuse to answer the question.",
+        "Please note that a better conclusion should align with the reasoning presented in the hint. The "
+        "conclusion should never refuse to answer the question.",
+        hint_from=("CAPTION", "REASONING"),
+    ),
+)
+JUDGE_ALL = _J + "better answers the question."  # best-of-N
+JUDGE_SENTENCE = _J + "is a better next sentence for the answer to the question."  # sentence level
+
+_VERDICT = re.compile(r"choose\s+response\s*\[?\s*([12])\b", re.IGNORECASE)
+_MENTION = re.compile(r"response\s*\[?\s*([12])\b", re.IGNORECASE)
+
+
+def parse_verdict(text: str) -> int | None:
+    """0 or 1 for a judge answer choosing response 1 or 2 ("I choose response 2"), else None (also
+    when it names both without choosing)."""
+    found = _VERDICT.search(text)
+    if found:
+        return int(found.group(1)) - 1
+    named = {m.group(1) for m in _MENTION.finditer(text)}
+    return int(named.pop()) - 1 if len(named) == 1 else None
+
+
+@dataclass
+class _Candidate:
+    tokens: list[int]  # sampled tokens (an EOS that ended the candidate is not kept)
+    logprob_sum: float = 0.0
+    closed_by: str = "limit"  # "tag" | "eos" | "limit"
+    logits: list[torch.Tensor] = field(default_factory=list)  # with record_logits: [V] per token
+
+    @property
+    def mean_logprob(self) -> float:
+        return self.logprob_sum / max(1, len(self.tokens))
+
+
+@dataclass
+class _State:
+    """A sequence whose KV cache covers every token in ``ids``; ``logits`` [V] predict the next one."""
+
+    ids: list[int]
+    cache: Any
+    logits: torch.Tensor
+
+
+@dataclass
+class SearchResult:
+    answer: str  # the whole tagged answer
+    conclusion: str  # the text inside the last stage's tags ("" when absent)
+    trace: dict[str, Any]  # json-serialisable: every candidate, judgement and winner per stage
+    sequence: list[int] = field(default_factory=list)  # prompt + answer token ids
+    logits: list[list[torch.Tensor]] = field(default_factory=list)  # with record_logits: [stage][cand] [T, V]
+    prefixes: list[list[int]] = field(default_factory=list)  # with record_logits: ids before each stage
+
+
+def _crop_to(cache: Any, length: int) -> None:
+    extra = int(cache.get_seq_length()) - length
+    if extra > 0:
+        cache.crop(-extra)  # negative: remove that many tokens from the end
+
+
+class StageBeamSearch:
+    """Stage-level beam search on a `mllm.inference.ChatModel` (or ``model``, ``processor``,
+    ``template``): ``run(question, images) -> SearchResult``.
+
+    ``beams`` candidates per stage (1 = plain sampling, no judge); ``selection`` is ``"judge"``
+    (LLaVA-CoT's pairwise knock-out), ``"logprob"`` (mean token log-probability) or a `Scorer`;
+    ``method`` is ``"stage"``, ``"best_of_n"`` or ``"sentence"``. Candidates are sampled with
+    ``temperature`` / ``top_p`` (LLaVA-CoT: 0.6 / 0.9), at most ``max_stage_tokens`` each; judges
+    decode greedily, at most ``max_judge_tokens``.
+    """
+
+    def __init__(
+        self,
+        chat: Any,
+        *,
+        beams: int = 2,
+        stages: Sequence[Stage] = DEFAULT_STAGES,
+        selection: str | Scorer = "judge",
+        method: str = "stage",
+        temperature: float = 0.6,
+        top_p: float = 0.9,
+        max_stage_tokens: int = 128,
+        max_judge_tokens: int = 48,
+        max_sentences: int = 32,
+        seed: int | None = None,
+    ) -> None:
+        if beams < 1:
+            raise ValueError(f"beams must be >= 1, got {beams}.")
+        if method not in METHODS:
+            raise ValueError(f"method `{method}` is not supported; choose one of: {', '.join(METHODS)}.")
+        if not callable(selection) and selection not in SELECTIONS:
+            raise ValueError(
+                f"selection `{selection}` is not supported; choose one of: {', '.join(SELECTIONS)} or a function."
+            )
+        if not stages:
+            raise ValueError("stages must name at least one stage.")
+        self.chat = chat
+        self.model = chat.model
+        self.processor = chat.processor
+        self.tokenizer = chat.processor.tokenizer
+        self.beams = beams
+        self.stages = tuple(stages)
+        self.selection = selection
+        self.method = method
+        self.temperature = temperature
+        self.top_p = top_p
+        self.max_stage_tokens = max_stage_tokens
+        self.max_judge_tokens = max_judge_tokens
+        self.max_sentences = max_sentences
+        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        self.base = base
+        self.image_token_id = base.config.image_token_id
+        self.stop_ids = set(chat.stop_token_ids)
+        eos = getattr(getattr(base, "generation_config", None), "eos_token_id", None)
+        self.stop_ids.update([] if eos is None else [eos] if isinstance(eos, int) else eos)
+        self.tokens_computed = 0  # token positions run through the LLM, all batches together
+        self.vision_calls = 0
+
+    # -- model steps ----------------------------------------------------------------------------
+    @property
+    def _device(self) -> torch.device:
+        return next(self.base.parameters()).device
+
+    def _forward(self, ids: torch.Tensor, cache: Any, features: torch.Tensor | None) -> torch.Tensor:
+        """Run ``ids`` [B, T] after ``cache`` (updated in place); returns the last logits [B, V]."""
+        embeds = self.base.get_input_embeddings()(ids)  # [B, T, D_llm]
+        slots = ids == self.image_token_id
+        if bool(slots.any()):
+            n = int(slots.sum()) // features.shape[1]  # the image runs in `ids` are the last n images
+            embeds = self.base.merge_image_features(ids, embeds, features[features.shape[0] - n :])
+        out = self.base.language_model(
+            inputs_embeds=embeds, past_key_values=cache, use_cache=True, logits_to_keep=1
+        )
+        self.tokens_computed += ids.numel()
+        return out.logits[:, -1].float()
+
+    def _extend(self, state: _State, new: Sequence[int], features: torch.Tensor | None) -> _State:
+        """``state`` followed by ``new`` tokens (in place: the cache grows)."""
+        if not new:
+            return state
+        ids = torch.tensor([list(new)], device=self._device)
+        logits = self._forward(ids, state.cache, features)[0]
+        return _State([*state.ids, *new], state.cache, logits)
+
+    def _prefill(self, ids: list[int], features: torch.Tensor | None, known: Sequence[_State]) -> _State:
+        """A state for ``ids`` that starts from the longest common prefix with a ``known`` state."""
+        from transformers import DynamicCache
+
+        best, length = None, 0
+        for state in known:
+            common = 0
+            for a, b in zip(state.ids, ids):
+                if a != b:
+                    break
+                common += 1
+            common = min(common, len(ids) - 1)  # at least one token to run, for the logits
+            if common > length:
+                best, length = state, common
+        if best is None:
+            return self._extend(_State([], DynamicCache(), torch.empty(0)), ids, features)
+        cache = copy.deepcopy(best.cache)
+        _crop_to(cache, length)
+        return self._extend(_State(ids[:length], cache, torch.empty(0)), ids[length:], features)
+
+    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """[B, V] -> [B]: greedy at temperature 0, else nucleus sampling."""
+        if self.temperature <= 0:
+            return logits.argmax(-1)
+        probs = torch.softmax(logits / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            sorted_p, order = probs.sort(dim=-1, descending=True)
+            drop = sorted_p.cumsum(-1) - sorted_p > self.top_p  # keep the smallest set reaching top_p
+            sorted_p = sorted_p.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        return torch.multinomial(probs.cpu(), 1, generator=self.generator).squeeze(-1).to(logits.device)
+
+    def _stopped(self, tokens: list[int], stops: Sequence[str]) -> bool:
+        """Whether a stop string shows in the last tokens: a string of L characters spans at most L
+        tokens (each decodes to one character or more), so only the last L are decoded."""
+        for stop in stops:
+            tail = self.tokenizer.decode(tokens[-len(stop) :], skip_special_tokens=False)
+            if stop in tail:
+                return True
+        return False
+
+    def sample_candidates(
+        self,
+        state: _State,
+        n: int,
+        stops: Sequence[str],
+        max_tokens: int,
+        features: torch.Tensor | None,
+        record_logits: bool = False,
+    ) -> tuple[list[_Candidate], Any]:
+        """N candidates after ``state``, decoded as one batch from a copy of its cache expanded N
+        times; each stops at a stop string, EOS / end of turn, or ``max_tokens``. Returns them and
+        the batch cache (row i holds candidate i)."""
+        cache = copy.deepcopy(state.cache)
+        if n > 1:
+            cache.batch_repeat_interleave(n)
+        logits = state.logits.unsqueeze(0).expand(n, -1)  # [N, V]
+        candidates = [_Candidate([]) for _ in range(n)]
+        running = list(range(n))
+        for step in range(max_tokens):
+            chosen = self._sample(logits)  # [N]
+            logprobs = torch.log_softmax(logits, dim=-1).gather(-1, chosen[:, None])[:, 0]
+            for row in list(running):
+                token = int(chosen[row])
+                candidate = candidates[row]
+                if token in self.stop_ids:
+                    candidate.closed_by = "eos"
+                    running.remove(row)
+                    continue
+                candidate.tokens.append(token)
+                candidate.logprob_sum += float(logprobs[row])
+                if record_logits:
+                    candidate.logits.append(logits[row].detach().cpu())
+                if stops and self._stopped(candidate.tokens, stops):
+                    candidate.closed_by = "tag"
+                    running.remove(row)
+            if not running or step == max_tokens - 1:
+                break
+            logits = self._forward(chosen[:, None], cache, features)
+        return candidates, cache
+
+    def _accept(
+        self, state: _State, cache: Any, row: int, candidate: _Candidate, close: str, n: int, features: Any
+    ) -> _State:
+        """The state after the winner: its row of the batch cache (the tokens it fed), its last
+        token, and ``close`` when the candidate did not close the stage itself."""
+        if n > 1:
+            cache.batch_select_indices(torch.tensor([row], device=self._device))
+        fed = len(candidate.tokens) - 1 if candidate.tokens else 0
+        _crop_to(cache, len(state.ids) + fed)
+        kept = _State([*state.ids, *candidate.tokens[:fed]], cache, state.logits)
+        extra = candidate.tokens[fed:]
+        if candidate.closed_by != "tag" and close:
+            extra = [*extra, *self.tokenizer.encode(close, add_special_tokens=False)]
+        return self._extend(kept, extra, features)
+
+    # -- selection ------------------------------------------------------------------------------
+    def _judge_prompt(
+        self, instruction: str, recall: str, question: str, hint: str, texts: Sequence[str]
+    ) -> str:
+        # LLaVA-CoT's judge(): instruction, question, hint, the two responses, reminder, output format
+        prompt = f"{instruction}\n\nQuestion: {question}"
+        if hint:
+            prompt += f"\n\nHint about the Question: {hint}"
+        for i, text in enumerate(texts):
+            prompt += f"\nResponse {i + 1}: {text}"
+        return prompt + f"\n\n{recall}" + _FORMAT
+
+    def _judge(self, prompt_text: str, features: Any, known: list[_State]) -> tuple[int | None, str]:
+        """The judge's greedy answer to ``prompt_text`` (image + judge text) and its verdict."""
+        ids = self._ids(prompt_text)
+        state = self._prefill(ids, features, known)
+        known.append(_State(list(ids), copy.deepcopy(state.cache), state.logits))
+        self.beams_judged += 1
+        out = self.sample_greedy(state, self.max_judge_tokens, features)
+        text = self.tokenizer.decode(out, skip_special_tokens=True).strip()
+        return parse_verdict(text), text
+
+    def sample_greedy(self, state: _State, max_tokens: int, features: Any) -> list[int]:
+        tokens: list[int] = []
+        logits = state.logits.unsqueeze(0)
+        for step in range(max_tokens):
+            token = int(logits[0].argmax())
+            if token in self.stop_ids:
+                break
+            tokens.append(token)
+            if _VERDICT.search(self.tokenizer.decode(tokens[-12:], skip_special_tokens=True)):
+                break  # the verdict is out: the rest of the judgement is not read
+            if step == max_tokens - 1:
+                break
+            logits = self._forward(torch.tensor([[token]], device=self._device), state.cache, features)
+        return tokens
+
+    def _select(
+        self,
+        texts: list[str],
+        candidates: list[_Candidate],
+        *,
+        stage: Stage | None,
+        instruction: str,
+        recall: str,
+        hint: str,
+        context: dict[str, Any],
+        features: Any,
+        known: list[_State],
+        record: dict[str, Any],
+    ) -> int:
+        if len(candidates) == 1:
+            return 0
+        if callable(self.selection):
+            scores = [float(self.selection(stage.name if stage else "", t, context)) for t in texts]
+            record["scores"] = scores
+            return max(range(len(scores)), key=scores.__getitem__)
+        if self.selection == "logprob":
+            return max(range(len(candidates)), key=lambda i: candidates[i].mean_logprob)
+        judgements = record.setdefault("judgements", [])
+        champion = 0
+        for challenger in range(1, len(candidates)):  # knock-out: the winner meets the next
+            pair = (champion, challenger)
+            prompt = self._judge_prompt(
+                instruction, recall, context["question"], hint, [texts[i] for i in pair]
+            )
+            verdict, said = self._judge(self._judge_text(prompt), features, known)
+            fallback = verdict is None
+            if fallback:  # the judge named neither: the more probable candidate wins
+                verdict = int(candidates[challenger].mean_logprob > candidates[champion].mean_logprob)
+                self.judge_fallbacks += 1
+            champion = pair[verdict]
+            judgements.append({"pair": list(pair), "answer": said, "winner": champion, "fallback": fallback})
+        return champion
+
+    # -- prompts --------------------------------------------------------------------------------
+    def _judge_text(self, judge_prompt: str) -> str:
+        from mllm.data.formats import Turn
+        from mllm.inference.generate import build_generation_prompt
+
+        token = self.processor.image_token
+        marks = "\n".join([token] * self._n_images)
+        content = f"{marks}\n{judge_prompt}" if marks else judge_prompt
+        return build_generation_prompt([Turn("user", content)], self.tokenizer, self.chat.template)
+
+    def _ids(self, text: str) -> list[int]:
+        """Token ids of a rendered prompt, as `MllmProcessor` makes them (no image preprocessing)."""
+        expanded = self.processor.expand_image_tokens(text)
+        return list(self.tokenizer(expanded, add_special_tokens=False)["input_ids"])
+
+    # -- search ---------------------------------------------------------------------------------
+    def run(
+        self,
+        conversation: Any,
+        images: Sequence[Any] | None = None,
+        *,
+        on_stage: Callable[[dict[str, Any]], None] | None = None,
+        max_new_tokens: int | None = None,
+        record_logits: bool = False,
+    ) -> SearchResult:
+        """Answer ``conversation`` (a prompt, `Turn`s or chat messages, as `ChatModel.generate`
+        takes them) with the search; ``on_stage`` gets each stage's trace entry as it is decided.
+        ``max_new_tokens`` bounds each stage (default ``max_stage_tokens``)."""
+        prompt_text, loaded = self.chat.prompt(conversation, images)
+        self._images, self._n_images = loaded, len(loaded)
+        self.tokens_computed, self.vision_calls, self.judge_fallbacks, self.beams_judged = 0, 0, 0, 0
+        stage_limit = max_new_tokens or self.max_stage_tokens
+        question = _question_of(conversation, self.processor.image_token)
+        batch = self.processor(text=[prompt_text], images=[loaded] if loaded else None)
+        device = self._device
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                features = None
+                if loaded:
+                    features = self.base.get_image_features(
+                        batch["pixel_values"].to(device)
+                    )  # [N_img, T_img, D]
+                    self.vision_calls += 1
+                prompt_ids = batch["input_ids"][0].tolist()
+                state = self._prefill(prompt_ids, features, [])
+                known = [_State(list(state.ids), copy.deepcopy(state.cache), state.logits)]
+                trace_stages, logits_out, prefixes = self._search(
+                    state, prompt_ids, features, known, question, stage_limit, on_stage, record_logits
+                )
+        finally:
+            self.model.train(was_training)
+        sequence = trace_stages.pop()
+        answer = self.tokenizer.decode(sequence[len(prompt_ids) :], skip_special_tokens=True).strip()
+        last = self.stages[-1]
+        found = re.search(re.escape(last.open_tag) + r"(.*?)" + re.escape(last.close_tag), answer, re.DOTALL)
+        if found is None and last.open_tag in answer:
+            found = re.search(re.escape(last.open_tag) + r"(.*)$", answer, re.DOTALL)
+        warnings = self._tag_warnings()
+        trace = {
+            "method": self.method,
+            "beams": self.beams,
+            "selection": self.selection if isinstance(self.selection, str) else "function",
+            "question": question,
+            "stages": trace_stages,
+            "answer": answer,
+            "judgements": self.beams_judged,
+            "judge_fallbacks": self.judge_fallbacks,
+            "vision_calls": self.vision_calls,
+            "tokens_computed": self.tokens_computed,
+            "warnings": warnings,
+        }
+        return SearchResult(
+            answer, found.group(1).strip() if found else "", trace, sequence, logits_out, prefixes
+        )
+
+    def _tag_warnings(self) -> list[str]:
+        out = []
+        for stage in self.stages:
+            for tag in (stage.open_tag, stage.close_tag):
+                ids = self.tokenizer.encode(tag, add_special_tokens=False)
+                if self.tokenizer.decode(ids, skip_special_tokens=False) != tag:
+                    out.append(
+                        f"the tokenizer cannot write {tag!r}: its stage ends only at EOS or the token limit"
+                    )
+        return out
+
+    def _plan(self) -> list[tuple[Stage | None, list[str], str, str]]:
+        """(stage, stop strings, judge instruction, recall) per search step of the method."""
+        if self.method == "best_of_n":
+            return [(None, [self.stages[-1].close_tag], JUDGE_ALL, "")]
+        if self.method == "sentence":
+            return [(None, [".", self.stages[-1].close_tag], JUDGE_SENTENCE, "")] * self.max_sentences
+        return [(s, [s.close_tag], s.judge, s.recall) for s in self.stages]
+
+    def _search(
+        self,
+        state: _State,
+        prompt_ids: list[int],
+        features: Any,
+        known: list[_State],
+        question: str,
+        stage_limit: int,
+        on_stage: Callable[[dict[str, Any]], None] | None,
+        record_logits: bool,
+    ) -> tuple[list[Any], list[list[torch.Tensor]], list[list[int]]]:
+        accepted: dict[str, str] = {}  # stage name -> accepted inner text
+        trace: list[Any] = []
+        logits_out: list[list[torch.Tensor]] = []
+        prefixes: list[list[int]] = []
+        final = self.stages[-1].close_tag
+        for index, (stage, stops, instruction, recall) in enumerate(self._plan()):
+            n = self.beams
+            candidates, cache = self.sample_candidates(state, n, stops, stage_limit, features, record_logits)
+            texts = [self._text(c.tokens, stops) for c in candidates]
+            answer_so_far = self.tokenizer.decode(state.ids[len(prompt_ids) :], skip_special_tokens=True)
+            record: dict[str, Any] = {"name": stage.name if stage else f"{self.method}-{index}"}
+            hint = ""
+            shown = texts
+            if stage is not None:
+                hint = " ".join(accepted.get(name, "") for name in stage.hint_from).strip()
+                shown = [_inside(t, stage) for t in texts]
+            elif self.method == "sentence":
+                hint = answer_so_far.strip()
+            context = {"question": question, "answer_so_far": answer_so_far}
+            winner = self._select(
+                shown,
+                candidates,
+                stage=stage,
+                instruction=instruction,
+                recall=recall,
+                hint=hint,
+                context=context,
+                features=features,
+                known=known,
+                record=record,
+            )
+            chosen = candidates[winner]
+            close = stage.close_tag if stage is not None else (final if self.method == "best_of_n" else "")
+            if record_logits:
+                logits_out.append([torch.stack(c.logits) if c.logits else torch.empty(0) for c in candidates])
+                prefixes.append(list(state.ids))
+            state = self._accept(state, cache, winner, chosen, close, n, features)
+            record.update(
+                candidates=[
+                    {
+                        "text": t,
+                        "tokens": len(c.tokens),
+                        "ids": list(c.tokens),
+                        "mean_logprob": round(c.mean_logprob, 4),
+                        "closed_by": c.closed_by,
+                    }
+                    for t, c in zip(texts, candidates)
+                ],
+                winner=winner,
+                text=texts[winner],
+                closed_by=chosen.closed_by,
+            )
+            if stage is not None:
+                accepted[stage.name] = shown[winner]
+                if chosen.closed_by != "tag":
+                    record["note"] = f"closed by the search ({chosen.closed_by}): {stage.close_tag} appended"
+            trace.append(record)
+            if on_stage is not None:
+                on_stage(record)
+            if self.method == "sentence" and (chosen.closed_by == "eos" or final in texts[winner]):
+                break
+        trace.append(state.ids)  # popped by run(): the whole sequence
+        return trace, logits_out, prefixes
+
+    def _text(self, tokens: list[int], stops: Sequence[str]) -> str:
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        ends = [text.find(s) + len(s) for s in stops if s in text]
+        return text[: min(ends)] if ends else text
+
+
+def _inside(text: str, stage: Stage) -> str:
+    """A candidate's text inside its stage's tags (what LLaVA-CoT's judge compares)."""
+    start = text.find(stage.open_tag)
+    start = start + len(stage.open_tag) if start >= 0 else 0
+    end = text.find(stage.close_tag, start)
+    return text[start : end if end >= 0 else len(text)].strip()
+
+
+def _question_of(conversation: Any, image_token: str) -> str:
+    from mllm.inference.api import to_turns
+
+    turns, _ = to_turns(conversation, image_token)
+    return turns[-1].content.replace(image_token, "").strip()
