@@ -146,3 +146,15 @@ def test_history_is_trimmed_to_the_context_never_the_image(
     assert values[-2].endswith("how many are there?")
     assert sum(v.count("<image>") for v in values) == 1 and values[0].startswith("<image>\n")
     assert record["image"] == str(image)
+
+
+def test_cot_chat_shows_each_stage_and_the_beams(chat_run: Path, tmp_path: Path) -> None:
+    child = _spawn(str(chat_run), "--cot", "--beams", "2", "--max-new-tokens", "4", cwd=tmp_path)
+    out = _answer(child, "what is this?")
+    for stage in ("SUMMARY", "CAPTION", "REASONING", "CONCLUSION"):
+        assert f"[{stage}] 2 candidates, #" in out
+    assert out.index("[SUMMARY]") < out.index("[CONCLUSION]")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
