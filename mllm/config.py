@@ -55,6 +55,16 @@ class ModelArguments:
     image_token: str = "<image>"  # placeholder string in prompts
     attn_implementation: str | None = None  # sdpa | eager | flash_attention_2; None = transformers' default
     init_from: str | None = None  # a previous stage's output dir to start from (null = the components)
+    # BLIP-2 stage 1 (mllm.training.qformer_stage): the Q-Former alone, no LLM; later stages inherit its size
+    qformer_pretrain: bool = False  # train the Q-Former with ITC + ITM + ITG on image-text pairs
+    qformer_num_layers: int = 2  # Q-Former layers (BLIP-2: 12, from BERT-base)
+    qformer_hidden_size: int | None = None  # Q-Former width; None = the vision tower's (BLIP-2: 768)
+    qformer_num_heads: int | None = None  # attention heads; None = the vision tower's (BLIP-2: 12)
+    qformer_cross_attention_freq: int = 1  # a cross-attention layer every N layers (BLIP-2: 2)
+    qformer_embed_dim: int = 256  # ITC projection width (BLIP-2: 256)
+    qformer_tokenizer: str | None = None  # tokenizer of the Q-Former's text; None = model_name_or_path's
+    qformer_max_text_length: int = 32  # caption tokens, [CLS] included (BLIP-2: 32)
+    contrastive_loss: Literal["infonce", "sigmoid"] = "infonce"  # ITC: CLIP InfoNCE or SigLIP sigmoid
 
 
 @dataclass
@@ -87,6 +97,8 @@ class DataArguments:
         "drop"  # a sample too long: drop it, or cut text after its images
     )
     packing: bool = False  # pack several samples into one row (attention kept within samples)
+    vision_feature_cache: str | None = None  # frozen-tower features folder (mllm cache-features); None = run the tower
+    vision_feature_cache_dtype: Literal["float16", "bfloat16", "float32"] = "float16"  # cached features' dtype
     group_by_modality_length: bool = True  # length-grouped batches, image and text-only apart
     allow_symlinks: bool = False  # follow symlinks in image_folder that point outside it (refused by default)
 

@@ -49,7 +49,8 @@ def test_infonce_equals_naive_clip_loss() -> None:
 def test_sigmoid_equals_naive_siglip_loss() -> None:
     image, text = _feats(1)
     head = ContrastiveHead("sigmoid")
-    assert math.isclose(float(head.logit_scale()), 10.0, rel_tol=1e-6) and float(head.logit_bias) == -10.0
+    assert math.isclose(float(head.logit_scale().detach()), 10.0, rel_tol=1e-6)
+    assert float(head.logit_bias.detach()) == -10.0
     with torch.no_grad():
         head.log_logit_scale.fill_(math.log(3.0))
         head.logit_bias.fill_(-1.5)

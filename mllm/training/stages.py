@@ -106,6 +106,10 @@ def load_for_training(run: RunConfig) -> tuple[nn.Module, MllmProcessor, RunReco
     tuning_dict = dataclasses.asdict(run.tuning)
     dtype = _load_dtype(run)
     if run.model.init_from:
+        from mllm.training.qformer_stage import is_stage1_dir, load_stage2_from_stage1
+
+        if is_stage1_dir(run.model.init_from):  # BLIP-2: stage 1's Q-Former into stage 2
+            return load_stage2_from_stage1(run)
         previous = read_record(run.model.init_from)
         check_inherited(run, previous, MllmConfig.from_pretrained(run.model.init_from))
         if run.tuning.tune_llm == "qlora" and previous.format == "full":
@@ -165,6 +169,10 @@ def train(run: RunConfig) -> TrainResult:
     dir, marked interrupted in its record, logs where its last checkpoint is, and returns
     ``interrupted`` set (`TrainResult.exit_code` 143 / 130).
     """
+    if run.model.qformer_pretrain:  # BLIP-2 stage 1: the Q-Former alone, no LLM
+        from mllm.training.qformer_stage import train_stage1
+
+        return train_stage1(run)
     set_seed(run.training.seed)
     output_dir = Path(run.training.output_dir)
     resume = resolve_resume(run.training.resume_from_checkpoint, output_dir)
