@@ -198,10 +198,10 @@ def test_question_type_prior_takes_the_majority_answer_of_each_type() -> None:
 
 
 def test_unknown_task_lists_supported(saved_model: Path, vqa_dir: Path) -> None:
-    with pytest.raises(ValueError, match=r"caption.*vqa"):
-        evaluate(str(saved_model), "caption", str(vqa_dir / "vqa_val.jsonl"))
+    with pytest.raises(ValueError, match=r"caption, mcq, vqa, yesno"):
+        evaluate(str(saved_model), "retrieval", str(vqa_dir / "vqa_val.jsonl"))
     with pytest.raises(SystemExit):
-        main([str(saved_model), "--task", "caption", "--data", "x.jsonl"])
+        main([str(saved_model), "--task", "retrieval", "--data", "x.jsonl"])
 
 
 def test_cli_main(saved_model: Path, vqa_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -216,9 +216,15 @@ def test_cli_main(saved_model: Path, vqa_dir: Path, tmp_path: Path, capsys: pyte
     ]
     argv += ["--image-folder", str(vqa_dir), "--limit", "2", "--batch-size", "2", "--max-new-tokens", "3"]
     assert main(argv) == 0
-    assert json.loads((tmp_path / "metrics.json").read_text())["num_samples"] == 2
-    assert '"vqa_accuracy"' in capsys.readouterr().out
-    assert runner.TASKS.names() == ["vqa"]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["num_samples"] == 2
+    table = capsys.readouterr().out
+    assert "| vqa_accuracy " in table and f"| {metrics['vqa_accuracy']:.4f} |" in table  # the results table
+    assert main([*argv, "--json"]) == 0  # resumed: nothing left to ask, the same metrics as JSON
+    out = capsys.readouterr().out
+    assert "2 of 2 samples already predicted" in out
+    assert json.loads(out[out.index("{") :]) == metrics
+    assert runner.TASKS.names() == ["caption", "mcq", "vqa", "yesno"]
 
 
 def test_template_defaults_to_the_trained_one(
@@ -445,6 +451,7 @@ def test_eval_of_a_model_trained_on_llava_records_scores_what_its_answers_deserv
         "vqa",
         "--data",
         str(data / "test.json"),
+        "--json",
     ]
     done = subprocess.run([*command, "--output", str(out)], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

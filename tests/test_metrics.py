@@ -166,6 +166,6 @@ def test_task_registry() -> None:
     assert METRICS.get("exact_match")(["a"], [["b"]]) == 0.0
     assert METRICS.get("vqa_accuracy_normalized")(["Red."], [["red"] * 10]) == 1.0
     with pytest.raises(ValueError, match="vqa"):
-        compute_metrics("caption", [], [])
+        compute_metrics("retrieval", [], [])
     with pytest.raises(ValueError, match="exact_match"):
         METRICS.get("cider")

@@ -190,8 +190,53 @@ METRICS.add("exact_match", _mean_of(exact_match))
 METRICS.add("vqa_accuracy", _mean_of(vqa_accuracy))
 METRICS.add("vqa_accuracy_normalized", _mean_of(vqa_accuracy_normalized))
 
-# Task -> the metrics its runner reports (caption: cider/bleu, retrieval: recall@k slot in here).
-TASK_METRICS: dict[str, tuple[str, ...]] = {"vqa": ("exact_match", "vqa_accuracy", "vqa_accuracy_normalized")}
+
+_CAPTION_SCORERS = {"Bleu_1": "bleu", "Bleu_2": "bleu", "Bleu_3": "bleu", "Bleu_4": "bleu", "METEOR": "meteor",
+                    "ROUGE_L": "rouge", "CIDEr": "cider"}  # fmt: skip
+
+
+def _caption_metric(key: str) -> CorpusMetric:
+    """One pycocoevalcap score (``mllm.evaluation.caption_metrics``); `--task caption` computes them all
+    in one pass instead. A score that cannot be computed (METEOR without java) raises, never 0."""
+
+    def corpus(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+        from mllm.evaluation.caption_metrics import caption_scores
+
+        result = caption_scores(predictions, references, (_CAPTION_SCORERS[key],))
+        if key not in result.scores:
+            raise RuntimeError(f"{key} could not be computed: {result.skipped.get(key, 'unknown reason')}.")
+        return result.scores[key]
+
+    corpus.__doc__ = f"pycocoevalcap's corpus {key}."
+    return corpus
+
+
+def _yes_no_metric(key: str) -> CorpusMetric:
+    """One POPE figure (``mllm.evaluation.tasks.yesno``): predictions parsed as yes / no / neither,
+    ``references[i][0]`` the label."""
+
+    def corpus(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+        from mllm.evaluation.yesno_metrics import parse_yes_no, yes_no_metrics
+
+        labels = [str(refs[0]).strip().lower() for refs in references]
+        return float(yes_no_metrics([parse_yes_no(p) for p in predictions], labels)[key])
+
+    corpus.__doc__ = f"POPE's {key} with yes as the positive class."
+    return corpus
+
+
+for _key in _CAPTION_SCORERS:
+    METRICS.add(_key, _caption_metric(_key))
+for _key in ("accuracy", "precision", "recall", "f1", "yes_ratio"):
+    METRICS.add(f"pope_{_key}", _yes_no_metric(_key))
+
+# Task -> the metrics of METRICS it reports (retrieval: recall@k slots in here). mcq scores need each
+# question's options, so its metrics live in mllm.evaluation.tasks.mcq alone; yesno's are pope_*.
+TASK_METRICS: dict[str, tuple[str, ...]] = {
+    "vqa": ("exact_match", "vqa_accuracy", "vqa_accuracy_normalized"),
+    "caption": tuple(_CAPTION_SCORERS),
+    "yesno": tuple(f"pope_{k}" for k in ("accuracy", "precision", "recall", "f1", "yes_ratio")),
+}
 
 
 def compute_metrics(
