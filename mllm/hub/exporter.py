@@ -8,6 +8,7 @@ LoRA / QLoRA runs are merged first (QLoRA onto the unquantised LLM). Weights are
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
 import shutil
@@ -18,10 +19,37 @@ import torch
 
 from mllm.io import PARTIAL
 
-__all__ = ["EXPORT_FORMATS", "ExportFormat", "export", "load_for_export"]
+__all__ = [
+    "DTYPES",
+    "EXPORT_FORMATS",
+    "ExportFormat",
+    "default_format",
+    "export",
+    "folder_listing",
+    "load_for_export",
+    "main",
+]
 
 ExportFormat = Literal["llava", "remote-code", "mllm"]
 EXPORT_FORMATS: tuple[str, ...] = ("llava", "remote-code", "mllm")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def default_format(run: str | os.PathLike) -> ExportFormat:
+    """``llava`` when Llava can express the run's architecture, else ``remote-code`` (reads config.json only)."""
+    from mllm.hub.llava import llava_unsupported_reason
+    from mllm.models.configuration_mllm import MllmConfig
+
+    config = MllmConfig.from_pretrained(str(run))
+    return "llava" if llava_unsupported_reason(config) is None else "remote-code"
+
+
+def folder_listing(folder: str | os.PathLike) -> list[tuple[str, int]]:
+    """(relative path, bytes) of every file under ``folder``, sorted."""
+    folder = Path(folder)
+    return sorted(
+        (p.relative_to(folder).as_posix(), p.stat().st_size) for p in folder.rglob("*") if p.is_file()
+    )
 
 
 def load_for_export(run: str | os.PathLike, dtype: torch.dtype | None = None):
@@ -43,11 +71,17 @@ def export(
     to: ExportFormat = "llava",
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
+    repo_id: str | None = None,
+    license: str = "other",
+    datasets: list[str] | None = None,
 ) -> Path:
-    """Write run dir ``run`` to the new folder ``output`` in format ``to``; returns ``output``.
+    """Write run dir ``run`` to the new folder ``output`` in format ``to``, with its model card
+    (``README.md``); returns ``output``.
 
     The folder is built beside ``output`` and moved into place when complete. ``dtype`` (default:
     the run's, float32 for a QLoRA run's 4-bit LLM) casts the weights, e.g. ``torch.bfloat16``.
+    The card's usage loads ``repo_id`` (default: the folder itself); ``license`` and ``datasets``
+    (Hub ids; default: the stages' Hub ``data_path``) go into its metadata.
     """
     from mllm.run_dir import read_record
 
@@ -65,6 +99,18 @@ def export(
     staging.mkdir(parents=True)
     try:
         _write(model, processor, staging, to, run)
+        from mllm.hub.card import model_card
+
+        card = model_card(
+            run,
+            to=to,
+            model_id=repo_id or str(output.resolve()),
+            processor=processor,
+            model_config=model.config,
+            license=license,
+            datasets=datasets,
+        )
+        card.save(staging / "README.md")
         if output.exists():
             shutil.rmtree(output)
         os.replace(staging, output)
@@ -92,3 +138,44 @@ def _write(model, processor, folder: Path, to: str, run: str | os.PathLike) -> N
             modified=record.modified_after_merge | {"language_model"},
         )
         save_run_dir(model, folder, processor=processor, record=record)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mllm export",
+        description="Write an `mllm train` run dir as a folder plain transformers loads, with its model card: "
+        "`llava` (native LlavaForConditionalGeneration: mlp depth 2 or linear connectors), `remote-code` "
+        "(the model's code in the folder, for Q-Former and deeper MLPs; trust_remote_code=True) or `mllm` "
+        "(mllm's own layout, all weights). LoRA / QLoRA adapters are merged first.",
+    )
+    parser.add_argument("run", help="run dir written by `mllm train` (final output or checkpoint-N)")
+    parser.add_argument("--to", required=True, choices=EXPORT_FORMATS, help="export format")
+    parser.add_argument("--output", required=True, help="new folder to write the export to")
+    parser.add_argument(
+        "--dtype", choices=sorted(DTYPES), default=None, help="weights dtype (default: as saved)"
+    )
+    parser.add_argument("--repo", default=None, help="Hub id the card's usage loads (default: the folder)")
+    parser.add_argument("--license", default="other", help="license in the card metadata (default: other)")
+    parser.add_argument(
+        "--dataset", action="append", default=None, help="Hub dataset id for the card (repeatable)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty --output folder")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    out = export(
+        args.run,
+        args.output,
+        to=args.to,
+        dtype=DTYPES[args.dtype] if args.dtype else None,
+        overwrite=args.overwrite,
+        repo_id=args.repo,
+        license=args.license,
+        datasets=args.dataset,
+    )
+    print(f"mllm export: {args.run} -> {out} ({args.to})")
+    for name, size in folder_listing(out):
+        print(f"  {name}  {size:,} bytes")
+    return 0
