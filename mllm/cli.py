@@ -38,9 +38,21 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
         "mllm.training.merge",
         "fold a LoRA adapter into full weights: mllm merge RUN_DIR --output DIR",
     ),
+    "cache-features": (
+        "mllm.training.cache_features",
+        "encode a recipe's images once with its frozen tower: mllm cache-features RECIPE.yaml [key=value ...]",
+    ),
     "chat": (
         "mllm.inference.chat",
         "chat with a model in the terminal: mllm chat MODEL [--image PATH] [--cot] [--beams N]",
+    ),
+    "export": (
+        "mllm.hub.exporter",
+        "export a run for plain transformers: mllm export RUN --to llava|remote-code|mllm --output DIR",
+    ),
+    "push": (
+        "mllm.hub.upload",
+        "export a run with its model card to the Hub: mllm push RUN --repo USER/NAME [--dry-run]",
     ),
 }
 

@@ -24,12 +24,18 @@ def _skipped(samples: Sequence[dict[str, Any]]) -> list[tuple[str, str]]:
     return [pair for s in samples for pair in s.get("skipped", ())]
 
 
-def _pixel_values(samples: Sequence[dict[str, Any]]) -> torch.Tensor | None:
-    """[N_img total, 3, H, W]: every sample's images, in batch order (= placeholder order)."""
-    parts = [
-        s["pixel_values"] for s in samples if s.get("pixel_values") is not None and len(s["pixel_values"])
-    ]
+def _cat_images(samples: Sequence[dict[str, Any]], key: str) -> torch.Tensor | None:
+    """Every sample's images, in batch order (= placeholder order): ``pixel_values`` [N_img, 3, H, W]
+    or cached ``image_features`` [N_img, T_vis, D_vis]."""
+    parts = [s[key] for s in samples if s.get(key) is not None and len(s[key])]
     return torch.cat(parts) if parts else None
+
+
+def _add_images(out: dict[str, Any], samples: Sequence[dict[str, Any]]) -> None:
+    for key in ("pixel_values", "image_features"):
+        images = _cat_images(samples, key)
+        if images is not None:
+            out[key] = images
 
 
 class MllmCollator:
@@ -61,9 +67,7 @@ class MllmCollator:
             labels[row, cols] = sample["labels"]
             attention_mask[row, cols] = 1
         out: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        pixel_values = _pixel_values(samples)
-        if pixel_values is not None:
-            out["pixel_values"] = pixel_values
+        _add_images(out, samples)
         out["skipped"] = _skipped(samples)
         return out
 
@@ -98,8 +102,6 @@ class PackingCollator:
             "position_ids": torch.cat(positions)[None],  # [1, sum T], 0.. per sample
             "use_cache": False,
         }
-        pixel_values = _pixel_values(samples)
-        if pixel_values is not None:
-            out["pixel_values"] = pixel_values
+        _add_images(out, samples)
         out["skipped"] = _skipped(samples)
         return out

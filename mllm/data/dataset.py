@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from mllm.data.errors import BadRecordError
+from mllm.data.feature_cache import FeatureCache
 from mllm.data.formats import Record, Turn, load_records, save_json
 from mllm.data.images import load_image
 from mllm.data.templates import IGNORE_INDEX, get_template, render_and_mask_batch
@@ -71,6 +72,7 @@ class SupervisedDataset(Dataset):
         model_max_length: int | None,
         bad_data: str = "skip",
         truncation: str = "drop",
+        feature_cache: FeatureCache | None = None,
     ) -> None:
         if bad_data not in BAD_DATA_MODES:
             raise ValueError(f"bad_data must be one of {BAD_DATA_MODES}, got {bad_data!r}.")
@@ -81,6 +83,7 @@ class SupervisedDataset(Dataset):
         self.model_max_length = model_max_length  # longest sample in tokens, image tokens included
         self.bad_data = bad_data
         self.truncation = truncation
+        self.feature_cache = feature_cache  # cached tower features replace pixel_values (None: load images)
         self.image_token_id = processor.image_token_id
         self.num_image_tokens = processor.num_image_tokens
         self.skipped: Counter[str] = Counter()  # reason -> records dropped at construction
@@ -98,6 +101,13 @@ class SupervisedDataset(Dataset):
             logger.warning(
                 "dropped %d of %d records: %s", sum(self.skipped.values()), len(records), dict(self.skipped)
             )
+        if feature_cache is not None:
+            missing = feature_cache.missing(ref for r in self._records for ref in r.images)
+            if missing:
+                raise ValueError(
+                    f"{len(missing)} image(s) of the data are not in the feature cache `{feature_cache.root}` "
+                    f"(first: {missing[0]}); rerun `mllm cache-features` with this recipe."
+                )
 
     # -- construction -----------------------------------------------------------------------
     def _add_chunk(self, chunk: Sequence[Record]) -> None:
@@ -198,7 +208,14 @@ class SupervisedDataset(Dataset):
             "labels": torch.from_numpy(labels.astype(np.int64)),  # [T]
             "id": record.id,
         }
-        if record.images:
+        if record.images and self.feature_cache is not None:
+            # a file that did not load when the cache was built is skipped, as it is without the cache
+            for ref in record.images:
+                bad = self.feature_cache.bad_reason(ref)
+                if bad is not None:
+                    raise BadRecordError(bad[0], record.id, record.source, bad[1])
+            item["image_features"] = self.feature_cache.features(record.images)  # [N_img, T_vis, D_vis]
+        elif record.images:
             images = [load_image(ref, record_id=record.id, source=record.source) for ref in record.images]
             pixel_values = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
             item["pixel_values"] = pixel_values  # [N_img, 3, H, W]
@@ -280,13 +297,16 @@ def build_dataset(
     bad_data: str = "skip",
     truncation: str = "drop",
     allow_symlinks: bool = False,
+    feature_cache: FeatureCache | None = None,
 ) -> SupervisedDataset:
     """``load_records`` + ``SupervisedDataset``; ``dataset.skipped`` holds the counts of both steps.
 
     Raises `EmptyDatasetError` (with the skip counts by reason) when no record is left.
     """
     records, skipped = load_records(data_path, image_folder, bad_data, allow_symlinks=allow_symlinks)
-    dataset = SupervisedDataset(records, processor, template, model_max_length, bad_data, truncation)
+    dataset = SupervisedDataset(
+        records, processor, template, model_max_length, bad_data, truncation, feature_cache
+    )
     dataset.skipped.update(skipped)
     if len(dataset) == 0:
         counts = ", ".join(f"{reason}={n}" for reason, n in sorted(dataset.skipped.items()))

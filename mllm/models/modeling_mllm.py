@@ -210,14 +210,21 @@ class MllmForConditionalGeneration(MllmPreTrainedModel, GenerationMixin):
         return self.language_model.get_decoder()
 
     # -- forward ----------------------------------------------------------------------------
+    @property
+    def drops_cls(self) -> bool:
+        """Whether the CLS token is dropped from the tower's features (what the connector sees)."""
+        return self.config.vision_has_cls and self.config.vision_feature_select_strategy == "default"
+
+    def vision_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[N_img, 3, H, W] -> the connector's input [N_img, T_vis, D_vis] (what a feature cache stores)."""
+        tower_dtype = next(self.vision_tower.parameters()).dtype
+        return select_features(
+            self.vision_tower, pixel_values.to(tower_dtype), self.config.vision_feature_layer, self.drops_cls
+        )
+
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[N_img, 3, H, W] -> [N_img, num_image_tokens, D_llm]."""
-        drop_cls = self.config.vision_has_cls and self.config.vision_feature_select_strategy == "default"
-        tower_dtype = next(self.vision_tower.parameters()).dtype
-        features = select_features(
-            self.vision_tower, pixel_values.to(tower_dtype), self.config.vision_feature_layer, drop_cls
-        )  # [N_img, T_vis, D_vis]
-        return self.project_features(features)
+        return self.project_features(self.vision_features(pixel_values))
 
     def project_features(self, features: torch.Tensor) -> torch.Tensor:
         """Vision features [N_img, T_vis, D_vis] (computed here or cached) -> [N_img, T_img, D_llm]."""

@@ -28,6 +28,7 @@ from transformers.trainer_utils import IntervalStrategy
 from mllm.config import ConfigError, RunConfig
 from mllm.data.collator import MllmCollator, PackingCollator
 from mllm.data.dataset import SkipReport, build_dataset
+from mllm.data.feature_cache import FeatureCache, feature_key
 from mllm.models.adapters import apply_tuning, llm_quantization_config
 from mllm.models.configuration_mllm import RECIPE_ARCHITECTURE_KEYS, MllmConfig
 from mllm.models.loading import load_model_and_processor
@@ -147,7 +148,32 @@ def load_for_training(run: RunConfig) -> tuple[nn.Module, MllmProcessor, RunReco
     return model, processor, record
 
 
-def _dataset(run: RunConfig, data_path: str, processor: MllmProcessor):
+def open_feature_cache(run: RunConfig, model: nn.Module, processor: MllmProcessor, record: RunRecord):
+    """The `FeatureCache` of ``vision_feature_cache`` built for this model's frozen tower, or None.
+
+    Refused unless the tower is frozen (its features must not change while training); a missing,
+    stale or damaged cache stops the run naming `mllm cache-features`, which builds it.
+    """
+    if not run.data.vision_feature_cache:
+        return None
+    if run.tuning.tune_vision != "frozen":
+        raise ConfigError(
+            f"`vision_feature_cache` needs tune_vision: frozen (got {run.tuning.tune_vision!r}): a tower that "
+            "trains gives new features at every step; remove vision_feature_cache or freeze the tower."
+        )
+    key = feature_key(
+        model, processor.image_processor, record.vision_tower, run.data.vision_feature_cache_dtype
+    )
+    cache = FeatureCache.open(run.data.vision_feature_cache, key)
+    logger.info(
+        "vision features from the cache `%s` (%d images): the tower does not run", cache.root, len(cache)
+    )
+    return cache
+
+
+def _dataset(
+    run: RunConfig, data_path: str, processor: MllmProcessor, feature_cache: FeatureCache | None = None
+):
     return build_dataset(
         data_path,
         run.data.image_folder,
@@ -157,6 +183,7 @@ def _dataset(run: RunConfig, data_path: str, processor: MllmProcessor):
         run.data.bad_data,
         run.data.truncation,
         allow_symlinks=run.data.allow_symlinks,
+        feature_cache=feature_cache,
     )
 
 
@@ -178,8 +205,11 @@ def train(run: RunConfig) -> TrainResult:
     resume = resolve_resume(run.training.resume_from_checkpoint, output_dir)
     model, processor, record = load_for_training(run)
     model = apply_tuning(model, run.tuning, gradient_checkpointing=run.training.gradient_checkpointing)
-    dataset = _dataset(run, run.data.data_path, processor)
-    eval_dataset = _dataset(run, run.data.eval_data_path, processor) if run.data.eval_data_path else None
+    cache = open_feature_cache(run, model, processor, record)
+    dataset = _dataset(run, run.data.data_path, processor, cache)
+    eval_dataset = (
+        _dataset(run, run.data.eval_data_path, processor, cache) if run.data.eval_data_path else None
+    )
     if run.data.packing:
         collator = PackingCollator(max_length=None)
     else:
