@@ -93,6 +93,15 @@ def export(
         raise ValueError(f"--output must differ from the run dir `{run}`.")
     if output.exists() and any(output.iterdir()) and not overwrite:
         raise FileExistsError(f"`{output}` exists and is not empty; choose a new folder (or overwrite=True).")
+    if to == "llava":  # refuse before loading any weights
+        from mllm.hub.llava import llava_unsupported_reason
+        from mllm.models.configuration_mllm import MllmConfig
+
+        reason = llava_unsupported_reason(MllmConfig.from_pretrained(str(run)))
+        if reason is not None:
+            raise ValueError(
+                f"`{run}` cannot be exported as Llava: {reason}; export it with `--to remote-code` instead."
+            )
     model, processor = load_for_export(run, dtype=dtype)
     staging = output.parent / f".{output.name}{PARTIAL}{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
