@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from mllm.evaluation.caption_metrics import caption_metrics, caption_scores
+from mllm.evaluation.caption_eval import caption_metrics, caption_scores
 from mllm.evaluation.choice import match_choice, parse_inline_options
 from mllm.evaluation.metrics import (
     METRICS,

@@ -196,11 +196,11 @@ _CAPTION_SCORERS = {"Bleu_1": "bleu", "Bleu_2": "bleu", "Bleu_3": "bleu", "Bleu_
 
 
 def _caption_metric(key: str) -> CorpusMetric:
-    """One pycocoevalcap score (``mllm.evaluation.caption_metrics``); `--task caption` computes them all
+    """One pycocoevalcap score (``mllm.evaluation.caption_eval``); `--task caption` computes them all
     in one pass instead. A score that cannot be computed (METEOR without java) raises, never 0."""
 
     def corpus(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
-        from mllm.evaluation.caption_metrics import caption_scores
+        from mllm.evaluation.caption_eval import caption_scores
 
         result = caption_scores(predictions, references, (_CAPTION_SCORERS[key],))
         if key not in result.scores:

@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Any
 
 import mllm.evaluation.tasks  # noqa: F401  (registers every task in TASKS)
-from mllm.evaluation.caption_metrics import CAPTION_METRICS, DEFAULT_CAPTION_METRICS
+from mllm.evaluation.caption_eval import CAPTION_METRICS, DEFAULT_CAPTION_METRICS
 from mllm.evaluation.loop import BLANK_COLOR, TASKS, EvalOptions, Task, blank_like, results_table, run_task
 from mllm.evaluation.tasks.mcq import LLAVA_MCQ_INSTRUCTION
 from mllm.evaluation.tasks.vqa import (

@@ -13,7 +13,7 @@ The prompt is the image alone (``<image>``), or the row's ``question`` / the rec
 ``--instruction`` appends its text on a new line (COCO has no question: pass e.g. ``--instruction
 "A short image caption:"``, which is LLaVA-1.5's COCO / NoCaps / Flickr30k prompt in lmms-eval).
 ``--metrics bleu,meteor,rouge,cider`` (the default) picks scorers; ``spice`` is opt-in (it downloads
-Stanford CoreNLP on first use). See :mod:`mllm.evaluation.caption_metrics` for what happens without
+Stanford CoreNLP on first use). See :mod:`mllm.evaluation.caption_eval` for what happens without
 Java. The per-sample score is the caption's CIDEr.
 """
 
@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from mllm.data.formats import Turn
-from mllm.evaluation.caption_metrics import DEFAULT_CAPTION_METRICS, caption_scores
+from mllm.evaluation.caption_eval import DEFAULT_CAPTION_METRICS, caption_scores
 from mllm.evaluation.loop import TASKS, EvalOptions, EvalSample
 from mllm.evaluation.records import (
     ConversationRecord,
