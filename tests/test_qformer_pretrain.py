@@ -84,7 +84,9 @@ def test_save_load_round_trip_and_connector_weights(tmp_path: Path) -> None:
     with torch.no_grad():
         a = model.image_embeddings(model.vision_features(batch["pixel_values"]))
         b = loaded.image_embeddings(loaded.vision_features(batch["pixel_values"]))
-    assert torch.allclose(a, b)
+        ta = model.text_embeddings(batch["input_ids"], batch["attention_mask"])
+        tb = loaded.text_embeddings(batch["input_ids"], batch["attention_mask"])
+    assert torch.allclose(a, b) and torch.allclose(ta, tb)
     weights = connector_state_dict(model)
     assert "query_tokens" in weights and not any(is_text_ffn_key(k) for k in weights)
     assert any(k.endswith("layer.0.intermediate_query.dense.weight") for k in weights)

@@ -122,12 +122,19 @@ class QFormerWithText(nn.Module):
         allowed: torch.Tensor | None = None,  # [B, 1, L, L] boolean mask over [queries | text]
     ) -> torch.Tensor:
         """Hidden states [B, L, D_q] with L = Q + T (queries first), or T without an image."""
+        # Explicit positions: the embeddings' non-persistent position_ids buffer is not restored
+        # by from_pretrained (it holds whatever memory the model was materialised in).
+        positions = None
+        if input_ids is not None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]  # [1, T]
         if image_embeds is None:
-            embeds = self.embeddings(input_ids=input_ids)  # [B, T, D_q]
+            embeds = self.embeddings(input_ids=input_ids, position_ids=positions)  # [B, T, D_q]
             query_length = 0
         else:
             queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)  # [B, Q, D_q]
-            embeds = self.embeddings(input_ids=input_ids, query_embeds=queries)  # [B, Q+T, D_q]
+            embeds = self.embeddings(
+                input_ids=input_ids, position_ids=positions, query_embeds=queries
+            )  # [B, Q+T, D_q]
             query_length = self.num_query_tokens
         if allowed is None:
             mask = text_mask if image_embeds is None else None  # 2D padding mask or nothing
