@@ -97,6 +97,7 @@ class DataArguments:
         "drop"  # a sample too long: drop it, or cut text after its images
     )
     packing: bool = False  # pack several samples into one row (attention kept within samples)
+    packing_max_length: int | None = None  # tokens per packed row, image tokens counted; None = model_max_length
     vision_feature_cache: str | None = None  # frozen-tower features folder (mllm cache-features); None = run the tower
     vision_feature_cache_dtype: Literal["float16", "bfloat16", "float32"] = "float16"  # cached features' dtype
     group_by_modality_length: bool = True  # length-grouped batches, image and text-only apart

@@ -73,7 +73,11 @@ class MllmCollator:
 
 
 class PackingCollator:
-    """Concatenate all samples into one row ``[1, sum T]`` with per-sample ``position_ids``.
+    """Pack samples into rows with per-sample ``position_ids``: ``[R, T_row]``.
+
+    The batch is a list of rows (`PackedDataset` items: lists of samples) or a flat list of samples
+    (one row). Rows shorter than the longest are padded with ``pad_token_id``, labels -100 and
+    position ids that restart at 0, so the padding is a block of its own that no sample attends to.
 
     The model shifts labels by one inside the loss, so the logit at sample k's last token would be
     trained to predict sample k+1's first token; that label is set to -100, which makes the packed
@@ -81,10 +85,11 @@ class PackingCollator:
     module docstring); ``use_cache=False`` is part of the batch.
     """
 
-    def __init__(self, max_length: int | None = None):
+    def __init__(self, max_length: int | None = None, pad_token_id: int = 0):
         self.max_length = max_length  # refuse rows longer than this (None: no check)
+        self.pad_token_id = pad_token_id  # fills rows shorter than the batch's longest
 
-    def __call__(self, samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    def _row(self, samples: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         ids, labels, positions = [], [], []
         for sample in samples:
             n = len(sample["input_ids"])
@@ -94,12 +99,26 @@ class PackingCollator:
             labels.append(sample_labels)
             positions.append(torch.arange(n, dtype=torch.long))
         total = sum(len(x) for x in ids)
-        if self.max_length is not None and total > self.max_length:
+        if self.max_length is not None and total > self.max_length and len(samples) > 1:
             raise ValueError(f"packed row of {total} tokens exceeds max_length={self.max_length}.")
+        return torch.cat(ids), torch.cat(labels), torch.cat(positions)
+
+    def __call__(self, batch: Sequence[Any]) -> dict[str, Any]:
+        rows = [list(r) for r in batch] if batch and isinstance(batch[0], (list, tuple)) else [list(batch)]
+        built = [self._row(row) for row in rows]
+        longest = max(len(ids) for ids, _, _ in built)
+        input_ids = torch.full((len(rows), longest), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(rows), longest), IGNORE_INDEX, dtype=torch.long)
+        position_ids = torch.zeros((len(rows), longest), dtype=torch.long)
+        for r, (ids, row_labels, positions) in enumerate(built):
+            n = len(ids)
+            input_ids[r, :n], labels[r, :n], position_ids[r, :n] = ids, row_labels, positions
+            position_ids[r, n:] = torch.arange(longest - n)  # padding: a block of its own
+        samples = [s for row in rows for s in row]
         out: dict[str, Any] = {
-            "input_ids": torch.cat(ids)[None],  # [1, sum T]
-            "labels": torch.cat(labels)[None],  # [1, sum T]
-            "position_ids": torch.cat(positions)[None],  # [1, sum T], 0.. per sample
+            "input_ids": input_ids,  # [R, T_row]
+            "labels": labels,  # [R, T_row]
+            "position_ids": position_ids,  # [R, T_row], 0.. per sample
             "use_cache": False,
         }
         _add_images(out, samples)

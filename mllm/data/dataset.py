@@ -25,11 +25,13 @@ from mllm.data.errors import BadRecordError
 from mllm.data.feature_cache import FeatureCache
 from mllm.data.formats import Record, Turn, load_records, save_json
 from mllm.data.images import load_image
+from mllm.data.sampler import pack_first_fit_decreasing
 from mllm.data.templates import IGNORE_INDEX, get_template, render_and_mask_batch
 from mllm.models.processing_mllm import MllmProcessor
 
 __all__ = [
     "EmptyDatasetError",
+    "PackedDataset",
     "SkipReport",
     "SupervisedDataset",
     "build_dataset",
@@ -282,6 +284,38 @@ def write_skip_report(
     if records is not None:
         report["records"] = [list(pair) for pair in records]
     save_json(report, path)
+
+
+class PackedDataset(Dataset):
+    """Rows of whole samples of ``dataset``, at most ``budget`` tokens each (image tokens counted):
+    item k is the list of samples of row k, which `PackingCollator` packs into one sequence.
+
+    The rows are fixed once (`pack_first_fit_decreasing` over ``dataset.lengths``), so every sample
+    is in exactly one row per epoch and the Trainer's sampler (and accelerate's sharding across
+    ranks) shuffles and splits rows as it would samples. An image run is never split: samples are
+    packed whole.
+    """
+
+    def __init__(self, dataset: SupervisedDataset, budget: int) -> None:
+        self.dataset = dataset
+        self.budget = budget  # tokens per row (packing_max_length)
+        self.rows = pack_first_fit_decreasing(dataset.lengths, budget)
+        self.lengths = [sum(dataset.lengths[i] for i in row) for row in self.rows]  # tokens per row
+        over = sum(1 for row in self.rows if len(row) == 1 and dataset.lengths[row[0]] > budget)
+        if over:
+            logger.warning(
+                "%d sample(s) are longer than packing_max_length=%d: each has a row of its own", over, budget
+            )
+
+    @property
+    def skipped(self) -> Counter[str]:
+        return self.dataset.skipped
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, index: int) -> list[dict[str, Any]]:
+        return [self.dataset[i] for i in self.rows[index]]
 
 
 class EmptyDatasetError(ValueError):

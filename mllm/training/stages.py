@@ -27,7 +27,7 @@ from transformers.trainer_utils import IntervalStrategy
 
 from mllm.config import ConfigError, RunConfig
 from mllm.data.collator import MllmCollator, PackingCollator
-from mllm.data.dataset import SkipReport, build_dataset
+from mllm.data.dataset import PackedDataset, SkipReport, build_dataset
 from mllm.data.feature_cache import FeatureCache, feature_key
 from mllm.models.adapters import apply_tuning, llm_quantization_config
 from mllm.models.configuration_mllm import RECIPE_ARCHITECTURE_KEYS, MllmConfig
@@ -210,8 +210,14 @@ def train(run: RunConfig) -> TrainResult:
     eval_dataset = (
         _dataset(run, run.data.eval_data_path, processor, cache) if run.data.eval_data_path else None
     )
-    if run.data.packing:
-        collator = PackingCollator(max_length=None)
+    if run.data.packing:  # rows of whole samples up to the token budget; attention kept within each sample
+        budget = run.data.packing_max_length or run.data.model_max_length
+        dataset = PackedDataset(dataset, budget)
+        eval_dataset = PackedDataset(eval_dataset, budget) if eval_dataset is not None else None
+        logger.info(
+            "packing: %d samples in %d rows of <= %d tokens", len(dataset.dataset), len(dataset), budget
+        )
+        collator = PackingCollator(max_length=budget, pad_token_id=processor.tokenizer.pad_token_id)
     else:
         collator = MllmCollator(processor.tokenizer.pad_token_id)
     trainer = MllmTrainer(
