@@ -212,3 +212,31 @@ def test_linear_connector_is_exact_as_an_identity_second_layer(tiny_components, 
     features = torch.randn(2, 5, mllm_model.config.vision_config.hidden_size)
     with torch.no_grad():
         assert torch.equal(llava.model.multi_modal_projector(features), mllm_model.connector(features))
+
+
+def test_qlora_run_exports_in_16_bit(tiny_components, tmp_path):
+    """A QLoRA run is merged onto the unquantised LLM and written in the dtype asked (bfloat16)."""
+    from safetensors import safe_open
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    from mllm.hub import export
+
+    run = make_run_dir(tiny_components, tmp_path / "run", llm="qwen2", tune_llm="qlora")
+    folder = export(run, tmp_path / "llava", to="llava", dtype=torch.bfloat16)
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as weights:
+        assert {weights.get_slice(k).get_dtype() for k in weights.keys()} == {"BF16"}
+    config = json.loads((folder / "config.json").read_text())
+    assert "quantization_config" not in config and "quantization_config" not in config["text_config"]
+    llava = LlavaForConditionalGeneration.from_pretrained(folder).eval()
+    reference, processor = load_model_and_processor(run, quantize=False)
+    image = Image.open(probe_image(tmp_path / "probe.png"))
+    with torch.no_grad():
+        expected = reference(**mllm_inputs(processor, image)).logits
+        exported = AutoProcessor.from_pretrained(folder)
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": PROMPT}]}]
+        prompt = exported.apply_chat_template(messages, add_generation_prompt=True)
+        inputs = exported(images=image, text=prompt, add_special_tokens=False, return_tensors="pt")
+        got = llava(**inputs).logits.float()
+    assert got.dtype == torch.float32 and torch.isfinite(got).all()
+    # bfloat16 rounding only (8 bits of mantissa through a 2-layer LLM), not a lost or misplaced weight
+    assert (got - expected).abs().max() < 0.25 and (got - expected).abs().mean() < 0.02

@@ -117,8 +117,12 @@ def _stage_section(index: int, path: Path, record: RunRecord) -> str:
     data = config.get("data_path")
     lines = [f"### Stage {index}: `{path.name}`", "", f"- tuning: {tuning}"]
     if data:
+        data = str(data)
+        hub = _is_hub_id(data)
         lines.append(
-            f"- data: {_component(str(data)) if _is_hub_id(str(data)) else f'`{Path(str(data)).name}`'}"
+            f"- data: [`{data}`](https://huggingface.co/datasets/{data})"
+            if hub
+            else f"- data: `{Path(data).name}`"
         )
     for key in ("learning_rate", "num_train_epochs", "max_steps", "per_device_train_batch_size", "template"):
         if config.get(key) not in (None, ""):
