@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -176,7 +177,9 @@ class ChatSession:
             head = f"[{stage['name']}]"
             if len(stage["candidates"]) > 1:
                 head += f" {len(stage['candidates'])} candidates, #{stage['winner'] + 1} won"
-            self.say(f"{head} {stage['text']}")
+            closed = {"limit": "the token limit", "eos": "the end of the turn"}.get(stage["closed_by"])
+            note = f" (closed by the search at {closed})" if closed else ""
+            self.say(f"{head} {stage['text'].strip()}{note}")
 
         result = search.run(turns, images, on_stage=shown, max_new_tokens=self.max_new_tokens)
         return result.answer
@@ -237,5 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.image is not None:
         session.set_image(args.image)
-    session.loop()
+    with warnings.catch_warnings():
+        # library deprecation notices would land in the middle of a streamed answer
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", DeprecationWarning)
+        session.loop()
     return 0

@@ -223,6 +223,10 @@ class StageBeamSearch:
         self.stop_ids = set(chat.stop_token_ids)
         eos = getattr(getattr(base, "generation_config", None), "eos_token_id", None)
         self.stop_ids.update([] if eos is None else [eos] if isinstance(eos, int) else eos)
+        import inspect
+
+        params = inspect.signature(base.language_model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers >= 5.2x: `cache`
         self.tokens_computed = 0  # token positions run through the LLM, all batches together
         self.vision_calls = 0
 
@@ -239,7 +243,7 @@ class StageBeamSearch:
             n = int(slots.sum()) // features.shape[1]  # the image runs in `ids` are the last n images
             embeds = self.base.merge_image_features(ids, embeds, features[features.shape[0] - n :])
         out = self.base.language_model(
-            inputs_embeds=embeds, past_key_values=cache, use_cache=True, logits_to_keep=1
+            inputs_embeds=embeds, use_cache=True, logits_to_keep=1, **{self._cache_kw: cache}
         )
         self.tokens_computed += ids.numel()
         return out.logits[:, -1].float()
@@ -535,10 +539,12 @@ class StageBeamSearch:
         logits_out: list[list[torch.Tensor]] = []
         prefixes: list[list[int]] = []
         final = self.stages[-1].close_tag
+        carry = ""  # text of the last accepted token past its stop string (a token like `>\n<`)
         for index, (stage, stops, instruction, recall) in enumerate(self._plan()):
             n = self.beams
             candidates, cache = self.sample_candidates(state, n, stops, stage_limit, features, record_logits)
-            texts = [self._text(c.tokens, stops) for c in candidates]
+            cut = [self._text(c.tokens, stops) for c in candidates]
+            texts = [carry + text for text, _ in cut]
             answer_so_far = self.tokenizer.decode(state.ids[len(prompt_ids) :], skip_special_tokens=True)
             record: dict[str, Any] = {"name": stage.name if stage else f"{self.method}-{index}"}
             hint = ""
@@ -587,6 +593,7 @@ class StageBeamSearch:
                 if chosen.closed_by != "tag":
                     record["note"] = f"closed by the search ({chosen.closed_by}): {stage.close_tag} appended"
             trace.append(record)
+            carry = cut[winner][1]
             if on_stage is not None:
                 on_stage(record)
             if self.method == "sentence" and (chosen.closed_by == "eos" or final in texts[winner]):
@@ -594,10 +601,12 @@ class StageBeamSearch:
         trace.append(state.ids)  # popped by run(): the whole sequence
         return trace, logits_out, prefixes
 
-    def _text(self, tokens: list[int], stops: Sequence[str]) -> str:
+    def _text(self, tokens: list[int], stops: Sequence[str]) -> tuple[str, str]:
+        """A candidate's text up to its first stop string, and the rest of its last token's text."""
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         ends = [text.find(s) + len(s) for s in stops if s in text]
-        return text[: min(ends)] if ends else text
+        end = min(ends) if ends else len(text)
+        return text[:end], text[end:]
 
 
 def _inside(text: str, stage: Stage) -> str:
