@@ -57,6 +57,9 @@ class MllmForConditionalGeneration(MllmPreTrainedModel, GenerationMixin):
         self.vision_tower = build_vision_tower(config.vision_config)
         self.connector = build_connector(config)
         self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        # runtime, not saved: batches carry cached `image_features` and the tower never runs (training
+        # with vision_feature_cache sets it); the dummy pass of a text-only batch then skips the tower too
+        self.vision_features_cached: bool = False
         self.post_init()
 
     # -- building ---------------------------------------------------------------------------
@@ -230,6 +233,27 @@ class MllmForConditionalGeneration(MllmPreTrainedModel, GenerationMixin):
         """Vision features [N_img, T_vis, D_vis] (computed here or cached) -> [N_img, T_img, D_llm]."""
         return self.connector(features.to(next(self.connector.parameters()).dtype))
 
+    def _dummy_image_pass(self, like: torch.Tensor) -> torch.Tensor:
+        """A zero-weighted pass of one blank image through the tower and the connector (a scalar).
+
+        Run on every training batch that holds no image, so every rank runs the same modules: under
+        DeepSpeed ZeRO-3 a rank that skipped the tower would wait forever in the parameter gather the
+        others started (deepspeedai/DeepSpeed#7170), and DDP would find the connector's gradients
+        missing. LLaMA-Factory's collator adds a fake image for the same reason. With
+        ``vision_features_cached`` the tower runs on no rank, so only the connector sees zero features.
+        """
+        vc = self.config.vision_config
+        if self.vision_features_cached:
+            tokens = (vc.image_size // vc.patch_size) ** 2 + int(
+                self.config.vision_has_cls and not self.drops_cls
+            )
+            features = torch.zeros(1, tokens, vc.hidden_size, device=like.device)  # [1, T_vis, D_vis]
+            projected = self.project_features(features)
+        else:
+            blank = torch.zeros(1, vc.num_channels, vc.image_size, vc.image_size, device=like.device)
+            projected = self.get_image_features(blank)  # [1, T_img, D_llm]
+        return projected.sum().to(like.dtype)
+
     def merge_image_features(
         self,
         input_ids: torch.Tensor,  # [B, T]
@@ -284,6 +308,8 @@ class MllmForConditionalGeneration(MllmPreTrainedModel, GenerationMixin):
                 raise ValueError(
                     f"the input holds {int(image_slots.sum())} image-token positions but no pixel_values were given."
                 )
+            elif self.training and torch.is_grad_enabled():
+                inputs_embeds = inputs_embeds + 0.0 * self._dummy_image_pass(inputs_embeds)
         return self.language_model(
             inputs_embeds=inputs_embeds,
             attention_mask=attention_mask,

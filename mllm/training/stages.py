@@ -165,6 +165,9 @@ def open_feature_cache(run: RunConfig, model: nn.Module, processor: MllmProcesso
         model, processor.image_processor, record.vision_tower, run.data.vision_feature_cache_dtype
     )
     cache = FeatureCache.open(run.data.vision_feature_cache, key)
+    for module in model.modules():  # the model inside a peft wrapper too
+        if isinstance(module, MllmForConditionalGeneration):
+            module.vision_features_cached = True
     logger.info(
         "vision features from the cache `%s` (%d images): the tower does not run", cache.root, len(cache)
     )
