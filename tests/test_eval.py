@@ -221,9 +221,9 @@ def test_cli_main(saved_model: Path, vqa_dir: Path, tmp_path: Path, capsys: pyte
     table = capsys.readouterr().out
     assert "| vqa_accuracy " in table and f"| {metrics['vqa_accuracy']:.4f} |" in table  # the results table
     assert main([*argv, "--json"]) == 0  # resumed: nothing left to ask, the same metrics as JSON
-    out = capsys.readouterr().out
-    assert "2 of 2 samples already predicted" in out
-    assert json.loads(out[out.index("{") :]) == metrics
+    printed = capsys.readouterr()
+    assert "2 of 2 samples already predicted" in printed.err
+    assert json.loads(printed.out) == metrics  # stdout is the JSON alone
     assert runner.TASKS.names() == ["caption", "mcq", "vqa", "yesno"]
 
 

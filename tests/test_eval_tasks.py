@@ -166,7 +166,7 @@ def test_interrupted_run_resumes_to_the_files_of_an_uninterrupted_one(
     calls.update(stop_at=None)
     asked.clear()
     again = evaluate(str(saved_model), "vqa", str(data / "vqa.jsonl"), output=str(out), **kw)
-    assert "4 of 9 samples already predicted, predicting the other 5" in capsys.readouterr().out
+    assert "4 of 9 samples already predicted, predicting the other 5" in capsys.readouterr().err
     assert len(asked) == 5
     assert again == full
     assert (out / "metrics.json").read_text() == (tmp_path / "full" / "metrics.json").read_text()

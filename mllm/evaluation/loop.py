@@ -26,6 +26,7 @@ import json
 import logging
 import math
 import os
+import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -252,6 +253,7 @@ def run_task(
         print(
             f"resuming in {output}: {len(done)} of {len(samples)} samples already predicted, "
             f"predicting the other {len(samples) - len(done)}",
+            file=sys.stderr,
             flush=True,
         )
     # the partial file restarts from what is kept, so a stale row (other prompt) never comes back
