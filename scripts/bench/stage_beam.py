@@ -73,7 +73,7 @@ class Reference:
             attention_mask=torch.ones_like(input_ids),
             pixel_values=pixel_values,
             max_new_tokens=max_new,
-            stopping_criteria=StoppingCriteriaList([StopOnStrings(stops, s.tokenizer)]),
+            stopping_criteria=StoppingCriteriaList([StopOnStrings(stops, s.tokenizer)] if stops else []),
             eos_token_id=sorted(s.stop_ids),
             pad_token_id=sorted(s.stop_ids)[0],
             **kwargs,
@@ -102,7 +102,8 @@ class Reference:
                 shown = [_inside(texts[id(c)], stage) for c in (a, b)]
                 judge = s._judge_text(s._judge_prompt(stage.judge, stage.recall, question, hint, shown))  # noqa: SLF001
                 judge_ids = s._ids(judge)  # noqa: SLF001
-                out = self._generate(judge_ids, image, ["choose response"], s.max_judge_tokens, False)
+                # the reference's judge is a plain generate: no stop string (its prompt holds "I choose")
+                out = self._generate(judge_ids, image, [], s.max_judge_tokens, False)
                 verdict = s.tokenizer.decode(out[len(judge_ids) :], skip_special_tokens=True)
                 candidates.append(a if "I choose response 1" in verdict else b)
             ids = candidates[0]
@@ -179,19 +180,26 @@ def main(argv: list[str] | None = None) -> int:
             )
             reference = Reference(search, args.seed)
             torch.manual_seed(args.seed)
-            calls.clear()
-            begin = time.perf_counter()
-            with torch.inference_mode():
-                ref_answers = [reference.run(q, image) for q, image, _ in questions]
-            ref_s, ref_vision = (time.perf_counter() - begin) / n_q, len(calls) / n_q
-            calls.clear()
-            ours_tokens = 0
-            begin = time.perf_counter()
-            ours = []
-            for q, image, _ in questions:
+            ref_answers, ours = [], []
+            ref_s = ours_s = 0.0
+            ref_vision = ours_vision = ours_tokens = 0
+            for q, image, _ in questions:  # alternate, so that both see the same machine load
+                calls.clear()
+                begin = time.perf_counter()
+                with torch.inference_mode():
+                    ref_answers.append(reference.run(q, image))
+                ref_s, ref_vision = ref_s + time.perf_counter() - begin, ref_vision + len(calls)
+                calls.clear()
+                begin = time.perf_counter()
                 ours.append(search.run(f"<image>\n{q}", [image]))
+                ours_s, ours_vision = ours_s + time.perf_counter() - begin, ours_vision + len(calls)
                 ours_tokens += search.tokens_computed
-            ours_s, ours_vision = (time.perf_counter() - begin) / n_q, len(calls) / n_q
+            ref_s, ours_s, ref_vision, ours_vision = (
+                ref_s / n_q,
+                ours_s / n_q,
+                ref_vision / n_q,
+                ours_vision / n_q,
+            )
             em_ref = sum(_conclusion(a) == q[2] for a, q in zip(ref_answers, questions))
             em_ours = sum(r.conclusion == q[2] for r, q in zip(ours, questions))
             print(
