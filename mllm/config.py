@@ -65,6 +65,7 @@ class ModelArguments:
     qformer_tokenizer: str | None = None  # tokenizer of the Q-Former's text; None = model_name_or_path's
     qformer_max_text_length: int = 32  # caption tokens, [CLS] included (BLIP-2: 32)
     contrastive_loss: Literal["infonce", "sigmoid"] = "infonce"  # ITC: CLIP InfoNCE or SigLIP sigmoid
+    qformer_text_init: str | None = None  # BERT-family checkpoint for the Q-Former (its size too); None = random
 
 
 @dataclass

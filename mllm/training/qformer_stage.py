@@ -37,6 +37,7 @@ from mllm.config import ConfigError, RunConfig
 from mllm.data.formats import load_records
 from mllm.data.images import load_image
 from mllm.models.adapters import llm_quantization_config
+from mllm.models.connectors.qformer_bert_init import init_text_from_bert, qformer_config_from_bert
 from mllm.models.connectors.qformer_pretrain import (
     QFormerPretrainConfig,
     QFormerPretrainModel,
@@ -52,6 +53,7 @@ __all__ = [
     "PairCollator",
     "QFormerTrainer",
     "build_stage1_model",
+    "stage1_tokenizer_source",
     "is_stage1_dir",
     "load_stage1",
     "load_stage2_from_stage1",
@@ -65,11 +67,13 @@ logger = logging.getLogger(__name__)
 # -- text -------------------------------------------------------------------------------------
 def text_token_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
     """The Q-Former's text vocabulary: the tokenizer's, plus [CLS] (when it has none) and [DEC] after it."""
-    base = len(tokenizer)
-    cls_id = tokenizer.cls_token_id if tokenizer.cls_token_id is not None else base
-    dec_id = base + 1
+    size = len(tokenizer)
+    cls_id = tokenizer.cls_token_id
+    if cls_id is None:
+        cls_id, size = size, size + 1
+    dec_id, size = size, size + 1
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else cls_id
-    return {"vocab_size": base + 2, "cls_token_id": cls_id, "dec_token_id": dec_id, "pad_token_id": pad_id}
+    return {"vocab_size": size, "cls_token_id": cls_id, "dec_token_id": dec_id, "pad_token_id": pad_id}
 
 
 class CaptionPairs(torch.utils.data.Dataset):
@@ -140,20 +144,40 @@ def build_stage1_model(run: RunConfig, tokenizer: PreTrainedTokenizerBase) -> QF
     """The stage-1 model of the recipe's size: pretrained vision tower, freshly initialised Q-Former."""
     m = run.model
     vision_config = vision_config_from(m.vision_tower)
-    hidden = m.qformer_hidden_size or vision_config.hidden_size
     ids = text_token_ids(tokenizer)
-    qcfg = Blip2QFormerConfig(
-        vocab_size=ids["vocab_size"],
-        pad_token_id=ids["pad_token_id"],
-        hidden_size=hidden,
-        num_hidden_layers=m.qformer_num_layers,
-        num_attention_heads=m.qformer_num_heads or vision_config.num_attention_heads,
-        intermediate_size=4 * hidden,
-        encoder_hidden_size=vision_config.hidden_size,
-        cross_attention_frequency=m.qformer_cross_attention_freq,
-        max_position_embeddings=max(512, m.qformer_max_text_length),
-        use_qformer_text_input=True,
-    )
+    if m.qformer_text_init:  # BLIP-2: the Q-Former starts from BERT, so it takes BERT's size
+        bert = AutoConfig.from_pretrained(m.qformer_text_init)
+        for key, value in (
+            ("qformer_num_layers", bert.num_hidden_layers),
+            ("qformer_hidden_size", bert.hidden_size),
+            ("qformer_num_heads", bert.num_attention_heads),
+        ):
+            if key in run.source and getattr(m, key) not in (None, value):
+                raise ConfigError(
+                    f"`{key}` is {getattr(m, key)} but qformer_text_init `{m.qformer_text_init}` has "
+                    f"{value}; remove it (the Q-Former takes the checkpoint's size)."
+                )
+        qcfg = qformer_config_from_bert(
+            bert,
+            vocab_size=ids["vocab_size"],
+            encoder_hidden_size=vision_config.hidden_size,
+            cross_attention_frequency=m.qformer_cross_attention_freq,
+        )
+        qcfg.pad_token_id = ids["pad_token_id"]
+    else:
+        hidden = m.qformer_hidden_size or vision_config.hidden_size
+        qcfg = Blip2QFormerConfig(
+            vocab_size=ids["vocab_size"],
+            pad_token_id=ids["pad_token_id"],
+            hidden_size=hidden,
+            num_hidden_layers=m.qformer_num_layers,
+            num_attention_heads=m.qformer_num_heads or vision_config.num_attention_heads,
+            intermediate_size=4 * hidden,
+            encoder_hidden_size=vision_config.hidden_size,
+            cross_attention_frequency=m.qformer_cross_attention_freq,
+            max_position_embeddings=max(512, m.qformer_max_text_length),
+            use_qformer_text_input=True,
+        )
     config = QFormerPretrainConfig(
         vision_config=vision_config,
         qformer_config=qcfg,
@@ -170,7 +194,15 @@ def build_stage1_model(run: RunConfig, tokenizer: PreTrainedTokenizerBase) -> QF
     model.vision_tower = MODEL_MAPPING[type(vision_config)].from_pretrained(
         m.vision_tower, config=vision_config
     )
+    if m.qformer_text_init:
+        fresh = init_text_from_bert(model.qformer, m.qformer_text_init)
+        logger.info("Q-Former text side from `%s`; %d tensors fresh", m.qformer_text_init, len(fresh))
     return model
+
+
+def stage1_tokenizer_source(run: RunConfig) -> str:
+    """The Q-Former's text tokenizer: qformer_tokenizer, else the BERT init's, else the LLM's."""
+    return run.model.qformer_tokenizer or run.model.qformer_text_init or run.model.model_name_or_path
 
 
 def freeze_vision(model: QFormerPretrainModel) -> None:
@@ -247,7 +279,7 @@ def train_stage1(run: RunConfig):
         raise ConfigError(
             "qformer_pretrain starts from the components; init_from is for the stages after it."
         )
-    tokenizer = AutoTokenizer.from_pretrained(run.model.qformer_tokenizer or run.model.model_name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(stage1_tokenizer_source(run))
     model = build_stage1_model(run, tokenizer)
     freeze_vision(model)
     image_processor = _image_processor(run.model.vision_tower)
@@ -266,7 +298,7 @@ def train_stage1(run: RunConfig):
         )
     record = RunRecord.new(
         vision_tower=run.model.vision_tower,
-        model_name_or_path=run.model.qformer_tokenizer or run.model.model_name_or_path,
+        model_name_or_path=stage1_tokenizer_source(run),
         tuning={**dataclasses.asdict(run.tuning), "tune_vision": "frozen", "tune_llm": "frozen"},
         base_vocab_size=len(tokenizer),
         config=run.source,
