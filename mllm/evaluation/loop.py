@@ -12,8 +12,8 @@ its data, what to ask and how to score; this module does the rest the same way f
   interrupted run loses at most one batch. Re-running on the same folder skips every sample already
   predicted (a sample whose prompt changed is asked again) and says how many; the settings that
   change answers without changing the prompt (model weights, ``max_new_tokens``, blank images) are
-  kept in ``eval_state.json`` and a run with other settings refuses the folder unless told to
-  ``overwrite``;
+  kept in ``eval_state.json``, and a run with other settings (or ``overwrite``) starts the folder
+  again, saying why;
 - at the end the task scores all predictions (corpus metrics such as CIDEr need them all) and
   ``predictions.jsonl`` (id, prompt, prediction, references, per-sample score, task fields) and
   ``metrics.json`` are written atomically, in data order: a resumed run writes the same files as an
@@ -168,24 +168,26 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def _prepare_output(output: Path, state: dict[str, Any], overwrite: bool) -> None:
-    """Refuse a folder whose predictions were made with other settings; with ``overwrite`` clear it."""
+    """Keep the folder's predictions only when they were made with these settings: with ``overwrite``,
+    or when the model, ``max_new_tokens`` or blank images changed, they are discarded (and said so)."""
     from mllm.io import atomic_write_text
 
     state_path = output / STATE_FILE
-    if overwrite:
-        for name in ("predictions.jsonl", PARTIAL_FILE, "metrics.json", STATE_FILE):
-            (output / name).unlink(missing_ok=True)
-    elif state_path.exists() and (
-        (output / PARTIAL_FILE).exists() or (output / "predictions.jsonl").exists()
-    ):
+    made = [output / "predictions.jsonl", output / PARTIAL_FILE]
+    if not overwrite and state_path.exists() and any(p.exists() for p in made):
         before = json.loads(state_path.read_text(encoding="utf-8"))
         changed = [k for k in state if before.get(k) != state[k]]
         if changed:
             diff = "; ".join(f"{k}: {before.get(k)!r} there, {state[k]!r} now" for k in changed)
-            raise ValueError(
-                f"{output} holds predictions made with other settings ({diff}); pass --overwrite to start "
-                "again there, or choose another --output."
+            print(
+                f"{output} holds predictions made with other settings ({diff}); starting again there",
+                file=sys.stderr,
+                flush=True,
             )
+            overwrite = True
+    if overwrite:
+        for name in ("predictions.jsonl", PARTIAL_FILE, "metrics.json", STATE_FILE):
+            (output / name).unlink(missing_ok=True)
     output.mkdir(parents=True, exist_ok=True)
     atomic_write_text(state_path, json.dumps(state, indent=2) + "\n")
 

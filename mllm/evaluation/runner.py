@@ -36,8 +36,9 @@ answers) and ``metrics.json`` (the task's metrics; for vqa those of
 always answering the most frequent answer of the evaluated set; with records that carry a
 ``question_type`` also ``question_type_prior``, the accuracy of answering each type's most frequent
 answer, and ``exact_match_by_type``), both written atomically. A run is resumable: re-running on the
-same output folder skips the samples already predicted there and says how many (``--overwrite``
-starts again). ``--blank-images`` replaces every image by a mid-grey one of the same size: a model
+same output folder skips the samples already predicted there with the same prompt and says how
+many; predictions made by other weights or with another ``--max-new-tokens`` / ``--blank-images`` are
+discarded, saying so (``--overwrite`` discards them always). ``--blank-images`` replaces every image by a mid-grey one of the same size: a model
 whose accuracy does not drop then is not using the image. A question whose image is missing or
 unreadable is skipped and counted (``num_skipped``, ``skipped`` by reason and ``skipped_questions`` in
 metrics.json, a warning on the console); ``--strict`` stops at the first one. With ``--image-folder`` a
@@ -300,7 +301,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--overwrite",
         action="store_true",
-        help="discard the predictions already in --output (default: resume, skipping them)",
+        help="discard the predictions already in --output (default: resume, skipping them, unless they were "
+        "made by other weights or with another --max-new-tokens / --blank-images)",
     )
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
     parser.add_argument(
