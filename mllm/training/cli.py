@@ -62,6 +62,14 @@ def summary(result: Any) -> str:
         else "0 skipped"
     )
     rate = f", {samples_per_s:.1f} samples/s" if samples_per_s is not None else ""
+    rate += "".join(
+        f", {v:.0f} {u}/s"
+        for u, v in (
+            ("tokens", getattr(result, "tokens_per_second", None)),
+            ("image tokens", getattr(result, "image_tokens_per_second", None)),
+        )
+        if v is not None
+    ) + (f", MFU {result.mfu:.1%}" if getattr(result, "mfu", None) is not None else "")
     return (
         f"mllm train: done: {result.global_step} steps in {result.runtime_s:.0f}s, "
         f"loss {result.train_loss:.4f}{rate}, {skipped_text} -> {result.output_dir}"

@@ -56,7 +56,12 @@ class TrainResult:
     train_loss: float  # mean training loss over the run
     runtime_s: float  # wall-clock seconds of trainer.train()
     skipped: dict[str, int] = field(default_factory=dict)  # skipped records per reason
-    samples_per_second: float | None = None  # training throughput as the Trainer measured it
+    samples_per_second: float | None = None  # samples (not packed rows) per second, all ranks together
+    tokens_per_second: float | None = None  # text tokens per second (image tokens not included), all ranks
+    image_tokens_per_second: float | None = None  # image-token positions per second, all ranks
+    mfu: float | None = (
+        None  # model FLOPs utilisation estimate; None where the device's peak is unknown (CPU)
+    )
     eval_metrics: dict[str, float] = field(default_factory=dict)  # last evaluation (eval_loss, ...), if any
     interrupted: str | None = None  # SIGTERM / SIGINT when the run was stopped early
     last_checkpoint: Path | None = None  # the newest checkpoint-N in output_dir
@@ -269,6 +274,9 @@ def train(run: RunConfig) -> TrainResult:
         runtime_s=runtime,
         skipped=dict(trainer.skip_report.counts),
         samples_per_second=output.metrics.get("train_samples_per_second"),
+        tokens_per_second=output.metrics.get("train_tokens_per_second"),
+        image_tokens_per_second=output.metrics.get("train_image_tokens_per_second"),
+        mfu=output.metrics.get("train_mfu"),
         eval_metrics=eval_metrics,
         interrupted=stopped,
         last_checkpoint=checkpoint,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,41 @@ from mllm.io import PARTIAL, atomic_dir, remove_partials
 from mllm.run_dir import RunRecord, is_run_dir, load_weights_into, save_run_dir
 from mllm.training.callbacks import SKIPPED_RECORDS, GracefulStopCallback, SkippedRecordsCallback
 
-__all__ = ["MllmTrainer", "VisionFeatureSource"]
+__all__ = ["BATCH_STATS", "CountingCollator", "MllmTrainer", "VisionFeatureSource", "device_peak_flops"]
 
 # batch -> precomputed vision features [N_img, T_vis, D_vis] (e.g. read from a feature cache by record id)
 VisionFeatureSource = Callable[[Mapping[str, Any]], torch.Tensor]
+
+BATCH_STATS = "mllm_batch_stats"  # batch key: [samples, text tokens, image tokens], popped before forward
+
+# dense bf16 / fp16 peak FLOP/s of one device by name (vendor datasheets, no sparsity); MFU only for these
+_PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10G": 125e12, "4090": 165e12}
+
+
+def device_peak_flops(device: torch.device) -> float | None:
+    """The device's dense half-precision peak FLOP/s when known (CUDA by name), else None (CPU: None)."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in _PEAK_FLOPS.items() if key in name), None)
+
+
+class CountingCollator:
+    """Wraps a collator and adds ``BATCH_STATS`` (samples, text tokens, image tokens) to each batch,
+    counted on the samples themselves, so packed rows and padding count what they hold. Runs in the
+    DataLoader workers with the collator (the counts travel in the batch)."""
+
+    def __init__(self, collator: Callable[[Any], dict[str, Any]], image_token_id: int) -> None:
+        self.collator = collator
+        self.image_token_id = image_token_id
+
+    def __call__(self, batch: Any) -> dict[str, Any]:
+        out = self.collator(batch)
+        samples = [s for item in batch for s in (item if isinstance(item, (list, tuple)) else [item])]
+        tokens = sum(len(s["input_ids"]) for s in samples)
+        images = sum(int((torch.as_tensor(s["input_ids"]) == self.image_token_id).sum()) for s in samples)
+        out[BATCH_STATS] = torch.tensor([len(samples), tokens - images, images], dtype=torch.float64)
+        return out
 
 
 class MllmTrainer(Trainer):
@@ -62,6 +94,18 @@ class MllmTrainer(Trainer):
         self.add_callback(SkippedRecordsCallback(self.skip_report))
         self.graceful_stop = GracefulStopCallback()
         self.add_callback(self.graceful_stop)
+        image_token_id = getattr(
+            getattr(self.processing_class, "tokenizer", None), "convert_tokens_to_ids", None
+        )
+        token = getattr(self.processing_class, "image_token", None)
+        if self.data_collator is not None and callable(image_token_id) and token is not None:
+            self.data_collator = CountingCollator(self.data_collator, int(image_token_id(token)))
+        self.throughput = torch.zeros(
+            3, dtype=torch.float64
+        )  # this rank's samples, text tokens, image tokens
+        self._last_log: tuple[float, torch.Tensor] | None = (
+            None  # (time, totals of all ranks) at the last log
+        )
 
     @property
     def stop_signal(self) -> str | None:
@@ -72,7 +116,62 @@ class MllmTrainer(Trainer):
         """Trainer.train; a resumed run first takes back the skips its earlier part reported."""
         if resume_from_checkpoint:
             self.skip_report.restore(Path(self.args.output_dir) / SKIPPED_RECORDS)
+        self.throughput.zero_()
+        self._last_log = (time.perf_counter(), torch.zeros(3, dtype=torch.float64))
         return super().train(resume_from_checkpoint=resume_from_checkpoint, **kwargs)
+
+    # -- telemetry --------------------------------------------------------------------------
+    def _all_ranks_throughput(self) -> torch.Tensor:
+        """[samples, text tokens, image tokens] summed over ranks (a collective: every rank calls it)."""
+        return self.accelerator.reduce(self.throughput.to(self.args.device), reduction="sum").cpu()
+
+    def _model_flops_per_token(self) -> tuple[float, float]:
+        """(FLOPs per text token, FLOPs per image token) of one training step: 6 N for trained parts,
+        2 N (forward) + 2 N (backward through activations) for frozen ones the gradient passes, the tower's
+        forward share once per image token when it runs. A rough figure for MFU, not a profiler's."""
+        model = self.accelerator.unwrap_model(self.model)
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+
+        def count(module: nn.Module | None) -> tuple[int, int]:
+            params = list(module.parameters()) if module is not None else []
+            return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+        llm_all, llm_trained = count(getattr(base, "language_model", None))
+        conn_all, conn_trained = count(getattr(base, "connector", None))
+        vis_all, vis_trained = count(getattr(base, "vision_tower", None))
+        llm = 4 * llm_all + 2 * llm_trained  # forward + activation grads + weight grads of what trains
+        connector = 4 * conn_all + 2 * conn_trained
+        tower = 0 if getattr(base, "vision_features_cached", False) else 2 * vis_all + 4 * vis_trained
+        return float(llm), float(llm + connector + tower)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        """Trainer.log plus throughput: ``tokens_per_second`` (text), ``image_tokens_per_second`` and
+        ``samples_per_second`` since the last log on step logs; ``train_*`` of the whole run (and
+        ``train_mfu`` where the device's peak is known) on the final metrics."""
+        if "loss" in logs or "train_runtime" in logs:
+            now, totals = time.perf_counter(), self._all_ranks_throughput()
+            if "loss" in logs and self._last_log is not None:
+                then, before = self._last_log
+                rates = (totals - before) / max(now - then, 1e-9)
+                logs.update(
+                    samples_per_second=rates[0].item(),
+                    tokens_per_second=rates[1].item(),
+                    image_tokens_per_second=rates[2].item(),
+                )
+            self._last_log = (now, totals)
+            if "train_runtime" in logs and totals[0] > 0:
+                rates = totals / max(float(logs["train_runtime"]), 1e-9)
+                logs.update(
+                    train_samples_per_second=rates[0].item(),
+                    train_tokens_per_second=rates[1].item(),
+                    train_image_tokens_per_second=rates[2].item(),
+                )
+                peak = device_peak_flops(self.args.device)
+                if peak is not None:
+                    per_text, per_image = self._model_flops_per_token()
+                    achieved = (per_text * rates[1] + per_image * rates[2]).item()
+                    logs["train_mfu"] = achieved / (peak * max(self.args.world_size, 1))
+        super().log(logs, start_time)
 
     # -- optimizer --------------------------------------------------------------------------
     def _component_lr(self, name: str) -> float:
@@ -134,8 +233,11 @@ class MllmTrainer(Trainer):
     def _prepare_batch(self, inputs: dict[str, Any], *, count_skips: bool = True) -> dict[str, Any]:
         inputs = dict(inputs)
         skipped = inputs.pop("skipped", None) or []
+        stats = inputs.pop(BATCH_STATS, None)
         if count_skips:
             self.skip_report.update(skipped)
+            if stats is not None:
+                self.throughput += stats.cpu()
         if self.vision_feature_source is not None and "image_features" not in inputs:
             if "pixel_values" in inputs:
                 inputs["image_features"] = self.vision_feature_source(inputs)
