@@ -10,9 +10,12 @@
 - ITM hard negatives: for each text an image, for each image a text, sampled with probability
   softmax(similarity) over the (gathered) batch, the positive excluded (LAVIS blip2_qformer.py).
 
-Under DDP each rank computes its local rows against the gathered columns; `gather_with_grad`
-keeps the gradient of the local shard (the other ranks' shards are constants here and receive
-their gradient on their own rank), and is the identity in a single process.
+Under DDP each rank computes its local rows against the gathered columns. `gather_with_grad` is
+an all_gather whose backward all-reduces the gradient and hands each rank its own shard's part
+(LAVIS' ``GatherLayer``, lavis/models/base_model.py): a sample's gradient from the other ranks' rows
+reaches it too, so the DDP-averaged gradient equals the single-process gradient of the whole
+batch's loss (tests/test_contrastive_ddp.py). LAVIS' BLIP-2 ITC gathers without gradient
+(``concat_all_gather``), which drops those terms. In a single process it is the identity.
 """
 
 from __future__ import annotations
@@ -42,14 +45,31 @@ def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
+class _GatherLayer(torch.autograd.Function):
+    """all_gather forward; backward: sum the gradients of all ranks, keep this rank's shard."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        shards = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(shards, x.contiguous())
+        return tuple(shards)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor) -> torch.Tensor:
+        stacked = torch.stack(grads)  # [world, B, ...]
+        dist.all_reduce(stacked)
+        return stacked[dist.get_rank()]
+
+
 def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
-    """[B, ...] on each rank -> [world * B, ...] in rank order; the local shard keeps its gradient."""
+    """[B, ...] on each rank -> [world * B, ...] in rank order, differentiable across ranks."""
     if not _distributed():
         return x
-    shards = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(shards, x.detach().contiguous())
-    shards[dist.get_rank()] = x
-    return torch.cat(shards, dim=0)
+    if not x.requires_grad:
+        shards = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(shards, x.contiguous())
+        return torch.cat(shards, dim=0)
+    return torch.cat(_GatherLayer.apply(x), dim=0)
 
 
 def gathered_offset(local_batch: int) -> int:
