@@ -208,3 +208,44 @@ def test_bad_arguments(chat: ChatModel) -> None:
 )
 def test_parse_verdict(text: str, verdict: int | None) -> None:
     assert parse_verdict(text) == verdict
+
+
+def test_judges_batched_in_a_bracket_answer_as_judged_alone(chat: ChatModel, image: Image.Image) -> None:
+    """Judge prompts of unequal length decoded as one left-padded batch give each the answer it
+    gets alone, and a bracket knock-out makes the same N-1 judgements."""
+    search = _search(chat, max_judge_tokens=8)
+    search._images, search._n_images = [image], 1  # noqa: SLF001 -- the layout run() sets
+    question = "what color is the circle?"
+    prompts = [
+        search._judge_text(search._judge_prompt(s.judge, s.recall, question, "", pair))  # noqa: SLF001
+        for s, pair in zip(DEFAULT_STAGES, [("a red one", "blue"), ("it is a small green square", "no")])
+    ]
+    batch = chat.processor(text=[prompts[0]], images=[[image]])
+    seen: list[torch.Tensor] = []
+    forward = search._forward  # noqa: SLF001
+
+    def spy(ids, *args, **kwargs):
+        out = forward(ids, *args, **kwargs)
+        if ids.shape[1] == 1:  # decode steps only
+            seen.append(out)
+        return out
+
+    search._forward = spy  # noqa: SLF001
+    with torch.inference_mode():
+        features = chat.model.get_image_features(batch["pixel_values"])
+        alone = []
+        steps_alone = []
+        for p in prompts:
+            seen.clear()
+            alone.append(search._judge(p, features, []))  # noqa: SLF001
+            steps_alone.append(torch.cat(seen))  # [steps, V]
+        seen.clear()
+        together = search._judge_many(prompts, features, [])  # noqa: SLF001
+        steps_together = torch.stack(seen, dim=1)  # [B, steps, V]
+    assert len(search._ids(prompts[0])) != len(search._ids(prompts[1]))  # noqa: SLF001
+    assert together == alone and all(text for _, text in alone)
+    for row, single in enumerate(steps_alone):  # the padded, masked batch computes each row's logits
+        torch.testing.assert_close(steps_together[row, : len(single)], single, atol=1e-4, rtol=1e-4)
+    trace = _search(chat, beams=4, knockout="bracket").run(QUESTION, [image]).trace
+    assert trace["judgements"] == 4 * 3
+    assert [j["pair"] for j in trace["stages"][0]["judgements"]][:2] == [[0, 1], [2, 3]]

@@ -47,6 +47,7 @@ __all__ = [
 
 METHODS = ("stage", "best_of_n", "sentence")
 SELECTIONS = ("judge", "logprob")
+KNOCKOUTS = ("sequential", "bracket")  # the winner meets the next / rounds of pairs judged as one batch
 Scorer = Callable[[str, str, dict[str, Any]], float]
 """``(stage name, candidate text, context) -> score``; the highest score wins. ``context`` holds
 ``question`` and ``answer_so_far``."""
@@ -175,7 +176,10 @@ class StageBeamSearch:
     (LLaVA-CoT's pairwise knock-out), ``"logprob"`` (mean token log-probability) or a `Scorer`;
     ``method`` is ``"stage"``, ``"best_of_n"`` or ``"sentence"``. Candidates are sampled with
     ``temperature`` / ``top_p`` (LLaVA-CoT: 0.6 / 0.9), at most ``max_stage_tokens`` each; judges
-    decode greedily, at most ``max_judge_tokens``.
+    decode greedily, at most ``max_judge_tokens``. ``knockout="sequential"`` lets the winner of
+    each judgement meet the next candidate; ``"bracket"`` judges rounds of pairs ((0, 1), (2, 3),
+    then their winners), each round's judges decoded as one batch: the same N-1 judgements (LLaVA-CoT's
+    reference pairs candidates at random), fewer sequential decodes.
     """
 
     def __init__(
@@ -192,6 +196,7 @@ class StageBeamSearch:
         max_judge_tokens: int = 48,
         max_sentences: int = 32,
         seed: int | None = None,
+        knockout: str = "sequential",
     ) -> None:
         if beams < 1:
             raise ValueError(f"beams must be >= 1, got {beams}.")
@@ -203,6 +208,11 @@ class StageBeamSearch:
             )
         if not stages:
             raise ValueError("stages must name at least one stage.")
+        if knockout not in KNOCKOUTS:
+            raise ValueError(
+                f"knockout `{knockout}` is not supported; choose one of: {', '.join(KNOCKOUTS)}."
+            )
+        self.knockout = knockout
         self.chat = chat
         self.model = chat.model
         self.processor = chat.processor
@@ -229,21 +239,38 @@ class StageBeamSearch:
         self._cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers >= 5.2x: `cache`
         self.tokens_computed = 0  # token positions run through the LLM, all batches together
         self.vision_calls = 0
+        self.beams_judged = 0  # judgements of the last run
+        self.judge_fallbacks = 0  # of which the verdict fell back to log-probability
+        self._images: list[Any] = []  # the question's images (the judge prompts show them too)
+        self._n_images = 0
 
     # -- model steps ----------------------------------------------------------------------------
     @property
     def _device(self) -> torch.device:
         return next(self.base.parameters()).device
 
-    def _forward(self, ids: torch.Tensor, cache: Any, features: torch.Tensor | None) -> torch.Tensor:
-        """Run ``ids`` [B, T] after ``cache`` (updated in place); returns the last logits [B, V]."""
+    def _forward(
+        self,
+        ids: torch.Tensor,
+        cache: Any,
+        features: torch.Tensor | None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Run ``ids`` [B, T] after ``cache`` (updated in place); returns the last logits [B, V].
+        Rows of unequal length pass ``attention_mask`` [B, T_cache + T] and ``position_ids`` [B, T]."""
         embeds = self.base.get_input_embeddings()(ids)  # [B, T, D_llm]
         slots = ids == self.image_token_id
         if bool(slots.any()):
             n = int(slots.sum()) // features.shape[1]  # the image runs in `ids` are the last n images
             embeds = self.base.merge_image_features(ids, embeds, features[features.shape[0] - n :])
         out = self.base.language_model(
-            inputs_embeds=embeds, use_cache=True, logits_to_keep=1, **{self._cache_kw: cache}
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            logits_to_keep=1,
+            **{self._cache_kw: cache},
         )
         self.tokens_computed += ids.numel()
         return out.logits[:, -1].float()
@@ -374,6 +401,54 @@ class StageBeamSearch:
         text = self.tokenizer.decode(out, skip_special_tokens=True).strip()
         return parse_verdict(text), text
 
+    def _judge_many(
+        self, prompt_texts: list[str], features: Any, known: list[_State]
+    ) -> list[tuple[int | None, str]]:
+        """`_judge` for several prompts, their answers decoded as one batch: each prompt is prefilled
+        from cache on its own, the caches are left-padded to one length and masked."""
+        from transformers import DynamicCache
+
+        if len(prompt_texts) == 1:
+            return [self._judge(prompt_texts[0], features, known)]
+        states = []
+        for text in prompt_texts:
+            ids = self._ids(text)
+            state = self._prefill(ids, features, known)
+            known.append(_State(list(ids), copy.deepcopy(state.cache), state.logits))
+            states.append(state)
+        self.beams_judged += len(states)
+        lengths = [len(st.ids) for st in states]
+        width = max(lengths)
+        cache = DynamicCache()
+        for layer in range(len(states[0].cache.layers)):
+            rows_k, rows_v = [], []
+            for st, n in zip(states, lengths):
+                k, v = st.cache.layers[layer].keys, st.cache.layers[layer].values  # [1, H, n, D]
+                rows_k.append(torch.nn.functional.pad(k, (0, 0, width - n, 0)))
+                rows_v.append(torch.nn.functional.pad(v, (0, 0, width - n, 0)))
+            cache.update(torch.cat(rows_k), torch.cat(rows_v), layer)
+        mask = torch.tensor([[0] * (width - n) + [1] * n for n in lengths], device=self._device)
+        positions = torch.tensor(lengths, device=self._device)[:, None]  # [B, 1]
+        logits = torch.stack([st.logits for st in states])  # [B, V]
+        outs: list[list[int]] = [[] for _ in states]
+        running = set(range(len(states)))
+        for step in range(self.max_judge_tokens):
+            chosen = logits.argmax(-1)  # [B]
+            for row in list(running):
+                token = int(chosen[row])
+                if token in self.stop_ids:
+                    running.discard(row)
+                    continue
+                outs[row].append(token)
+                if _VERDICT.search(self.tokenizer.decode(outs[row][-12:], skip_special_tokens=True)):
+                    running.discard(row)
+            if not running or step == self.max_judge_tokens - 1:
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            logits = self._forward(chosen[:, None], cache, features, mask, positions + step)
+        texts = [self.tokenizer.decode(out, skip_special_tokens=True).strip() for out in outs]
+        return [(parse_verdict(t), t) for t in texts]
+
     def sample_greedy(self, state: _State, max_tokens: int, features: Any) -> list[int]:
         tokens: list[int] = []
         logits = state.logits.unsqueeze(0)
@@ -412,6 +487,10 @@ class StageBeamSearch:
         if self.selection == "logprob":
             return max(range(len(candidates)), key=lambda i: candidates[i].mean_logprob)
         judgements = record.setdefault("judgements", [])
+        if self.knockout == "bracket":
+            return self._bracket(
+                texts, candidates, instruction, recall, hint, context, features, known, judgements
+            )
         champion = 0
         for challenger in range(1, len(candidates)):  # knock-out: the winner meets the next
             pair = (champion, challenger)
@@ -426,6 +505,44 @@ class StageBeamSearch:
             champion = pair[verdict]
             judgements.append({"pair": list(pair), "answer": said, "winner": champion, "fallback": fallback})
         return champion
+
+    def _verdict(
+        self,
+        pair: tuple[int, int],
+        verdict: int | None,
+        said: str,
+        candidates: list[_Candidate],
+        judgements: list,
+    ) -> int:
+        fallback = verdict is None
+        if verdict is None:  # the judge named neither: the more probable candidate wins
+            verdict = int(candidates[pair[1]].mean_logprob > candidates[pair[0]].mean_logprob)
+            self.judge_fallbacks += 1
+        judgements.append({"pair": list(pair), "answer": said, "winner": pair[verdict], "fallback": fallback})
+        return pair[verdict]
+
+    def _bracket(
+        self, texts, candidates, instruction, recall, hint, context, features, known, judgements
+    ) -> int:
+        """Knock-out by rounds ((0,1), (2,3), ... then their winners), each round's judges as one batch."""
+        alive = list(range(len(candidates)))
+        while len(alive) > 1:
+            pairs = [(alive[i], alive[i + 1]) for i in range(0, len(alive) - 1, 2)]
+            prompts = [
+                self._judge_text(
+                    self._judge_prompt(
+                        instruction, recall, context["question"], hint, [texts[i] for i in pair]
+                    )
+                )
+                for pair in pairs
+            ]
+            answers = self._judge_many(prompts, features, known)
+            winners = [
+                self._verdict(pair, v, said, candidates, judgements)
+                for pair, (v, said) in zip(pairs, answers)
+            ]
+            alive = winners + ([alive[-1]] if len(alive) % 2 else [])
+        return alive[0]
 
     # -- prompts --------------------------------------------------------------------------------
     def _judge_text(self, judge_prompt: str) -> str:

@@ -155,6 +155,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-judge-tokens", type=int, default=24)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--knockout",
+        choices=("sequential", "bracket"),
+        default="bracket",
+        help="mllm's knock-out order (the reference pairs at random); both make N-1 judgements per stage",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -177,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                 max_stage_tokens=args.max_stage_tokens,
                 max_judge_tokens=args.max_judge_tokens,
                 seed=args.seed,
+                knockout=args.knockout,
             )
             reference = Reference(search, args.seed)
             torch.manual_seed(args.seed)
@@ -204,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             em_ours = sum(r.conclusion == q[2] for r, q in zip(ours, questions))
             print(
                 f"N={beams}: reference {ref_s:.3f} s/q, {reference.tokens / n_q:.0f} tokens/q, vision {ref_vision:.0f}/q"
-                f" | mllm {ours_s:.3f} s/q, {ours_tokens / n_q:.0f} tokens/q, vision {ours_vision:.0f}/q"
+                f" | mllm ({args.knockout}) {ours_s:.3f} s/q, {ours_tokens / n_q:.0f} tokens/q, vision {ours_vision:.0f}/q"
                 f" | {ref_s / ours_s:.1f}x"
                 + (
                     f" | conclusion exact match: reference {em_ref}/{n_q}, mllm {em_ours}/{n_q}"
