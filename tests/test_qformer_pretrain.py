@@ -122,3 +122,22 @@ def test_shipped_blip2_recipes() -> None:
         250000,
         0.05,
     )
+
+
+def test_retrieval_features_equal_the_training_pass() -> None:
+    """ITC in training runs queries and text in one pass under the unimodal mask; retrieval encodes
+    images and texts apart (text alone): the features, and so the similarities, are the same."""
+    model = _model("infonce").eval()
+    batch = _batch()
+    with torch.no_grad():
+        out = model(**batch)
+        features = model.vision_features(batch["pixel_values"])
+        sim = model.similarity(features, batch["input_ids"], batch["attention_mask"])
+    assert torch.allclose(out.image_feats, model.image_embeddings(features), atol=1e-5)
+    assert torch.allclose(
+        out.text_feats, model.text_embeddings(batch["input_ids"], batch["attention_mask"]), atol=1e-5
+    )
+    assert sim.shape == (4, 4)
+    assert torch.allclose(
+        sim, torch.einsum("iqd,td->itq", out.image_feats, out.text_feats).amax(-1), atol=1e-5
+    )

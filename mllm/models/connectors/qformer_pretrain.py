@@ -35,7 +35,13 @@ from mllm.models.connectors.qformer_text import (
     multimodal_causal_mask,
     unimodal_mask,
 )
-from mllm.models.losses import ContrastiveHead, gather_with_grad, gathered_offset, mine_hard_negatives
+from mllm.models.losses import (
+    ContrastiveHead,
+    gather_with_grad,
+    gathered_offset,
+    itc_similarity,
+    mine_hard_negatives,
+)
 from mllm.models.vision import build_vision_tower, select_features, vision_family
 
 __all__ = [
@@ -150,6 +156,16 @@ class QFormerPretrainModel(PreTrainedModel):
         """Text [B, T] -> normalised ITC [CLS] embedding [B, embed_dim] (text alone, no queries)."""
         hidden = self.qformer(None, input_ids, text_mask=attention_mask)
         return F.normalize(self.text_proj(hidden[:, 0]), dim=-1)
+
+    @torch.no_grad()
+    def similarity(
+        self, image_features: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """ITC similarity of every image ([N_i, T_vis, D_vis] features) to every text ([N_t, T]): [N_i, N_t],
+        the matrix `mllm.evaluation.retrieval.retrieval_metrics` takes."""
+        return itc_similarity(
+            self.image_embeddings(image_features), self.text_embeddings(input_ids, attention_mask)
+        )
 
     def itm_scores(
         self, image_embeds: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
