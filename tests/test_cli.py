@@ -8,8 +8,8 @@ prints one line naming what to fix, no traceback (unless --debug), and a non-zer
 from __future__ import annotations
 
 import json
-import shutil
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
