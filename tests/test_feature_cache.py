@@ -212,3 +212,37 @@ def test_images_are_keyed_by_content_and_a_changed_file_is_missing(tmp_path):
 def test_size_estimate_of_llava_stage1():
     # LLaVA-1.5 stage 1: 558K images, CLIP-L/336 layer -2 without CLS: 576 x 1024, fp16
     assert human_bytes(estimate_bytes(558_128, 576, 1024, "float16")) == "658.4 GB"
+
+
+def test_stage2_from_init_from_with_packing_reads_the_cache(tiny_components, data, tmp_path, monkeypatch):
+    stage1 = tmp_path / "stage1"
+    train(build_run_config(None, _overrides(tiny_components, data, stage1, "max_steps=1")))
+    stage2 = [
+        f"init_from={stage1}",
+        f"data_path={data / 'stage2_train.json'}",
+        "tune_llm=full",
+        "packing=true",
+        "packing_max_length=128",
+        "template=",
+    ]
+    plain = build_run_config(None, _overrides(tiny_components, data, tmp_path / "plain", *stage2))
+    cached = build_run_config(
+        None,
+        _overrides(
+            tiny_components, data, tmp_path / "cached", *stage2, f"vision_feature_cache={tmp_path / 'c2'}"
+        ),
+    )
+    cache_features(cached, log=lambda _: None)  # fp16, the default
+    train(plain)
+    from transformers import CLIPVisionModel
+
+    monkeypatch.setattr(
+        CLIPVisionModel, "forward", lambda *a, **k: (_ for _ in ()).throw(AssertionError("ran"))
+    )
+    train(cached)
+    torch.testing.assert_close(
+        torch.tensor(_losses(tmp_path / "cached")),
+        torch.tensor(_losses(tmp_path / "plain")),
+        rtol=2e-3,
+        atol=2e-3,
+    )
