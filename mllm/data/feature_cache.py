@@ -343,7 +343,7 @@ def build_cache(
     bad: dict[str, list] = dict(manifest.get("bad", {}))
     todo: dict[str, Any] = {}  # hash -> one ref with that content
     for ref in refs:
-        digest = image_hash(ref)
+        digest = existing.hash_of(ref) if existing is not None else image_hash(ref)  # unchanged files: a stat
         if not isinstance(ref, Image.Image):
             paths[os.fspath(ref)] = [digest, *_stat(os.fspath(ref))]
         if digest not in index:

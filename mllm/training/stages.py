@@ -223,7 +223,11 @@ def train(run: RunConfig) -> TrainResult:
         dataset = PackedDataset(dataset, budget)
         eval_dataset = PackedDataset(eval_dataset, budget) if eval_dataset is not None else None
         logger.info(
-            "packing: %d samples in %d rows of <= %d tokens", len(dataset.dataset), len(dataset), budget
+            "packing: %d samples in %d rows of <= %d tokens (rows are shuffled; group_by_modality_length "
+            "applies to unpacked samples only)",
+            len(dataset.dataset),
+            len(dataset),
+            budget,
         )
         collator = PackingCollator(max_length=budget, pad_token_id=processor.tokenizer.pad_token_id)
     else:
