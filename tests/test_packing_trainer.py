@@ -66,10 +66,25 @@ def _run(tiny_components, data: Path, out: Path, attn: str, *more: str):
     return result, load_file(str(out / "model.safetensors")) if (out / "model.safetensors").exists() else None
 
 
+@pytest.fixture(scope="module")
+def padded_runs(tiny_components, data, tmp_path_factory):
+    """attn -> the padded run (loss, weights), trained once per attention implementation."""
+    runs: dict[str, tuple] = {}
+
+    def get(attn: str):
+        if attn not in runs:
+            runs[attn] = _run(tiny_components, data, tmp_path_factory.mktemp(f"padded-{attn}"), attn)
+        return runs[attn]
+
+    return get
+
+
 @pytest.mark.parametrize("budget", [100_000, 160], ids=["one-row", "several-rows"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_training_step_equals_the_padded_one(tiny_components, data, tmp_path, attn, budget):
-    padded, w_padded = _run(tiny_components, data, tmp_path / "padded", attn)
+def test_packed_training_step_equals_the_padded_one(
+    tiny_components, data, tmp_path, padded_runs, attn, budget
+):
+    padded, w_padded = padded_runs(attn)
     packed, w_packed = _run(
         tiny_components, data, tmp_path / "packed", attn, "packing=true", f"packing_max_length={budget}"
     )
