@@ -69,7 +69,13 @@ def test_recipe_validates(recipe: Path, monkeypatch: pytest.MonkeyPatch) -> None
         )
     else:
         assert config.model.init_from, "a stage-2 recipe starts from its stage-1 output"
-        expected = {"stage2_instruct": "full", "stage2_lora": "lora", "stage2_qlora": "qlora"}[stage]
+        expected = {
+            "stage2_instruct": "full",
+            "stage2_lora": "lora",
+            "stage2_qlora": "qlora",
+            "stage2_cot": "full",
+        }
+        expected = expected[stage]
         assert config.tuning.tune_llm == expected
     if config.training.deepspeed:
         assert Path(config.training.deepspeed).is_absolute(), "a shipped name resolves to the shipped file"
