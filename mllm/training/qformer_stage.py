@@ -268,10 +268,9 @@ def _image_processor(vision_tower: str):
     return AutoImageProcessor.from_pretrained(vision_tower)
 
 
-def train_stage1(run: RunConfig):
-    """BLIP-2 stage 1 as configured; returns `mllm.training.stages.TrainResult`."""
-    from mllm.training.stages import TrainResult
-
+def train_stage1(run: RunConfig) -> dict[str, Any]:
+    """BLIP-2 stage 1 as configured; returns the fields of `mllm.training.stages.TrainResult`
+    (`stages.train` builds it: this module does not import stages, which imports it)."""
     torch.manual_seed(run.training.seed)
     output_dir = Path(run.training.output_dir)
     resume = resolve_resume(run.training.resume_from_checkpoint, output_dir)
@@ -317,15 +316,15 @@ def train_stage1(run: RunConfig):
     runtime = time.perf_counter() - start
     trainer.save_model(str(output_dir))
     trainer.save_state()
-    return TrainResult(
-        output_dir=output_dir,
-        global_step=output.global_step,
-        train_loss=float(output.training_loss),
-        runtime_s=runtime,
-        skipped=dict(dataset.skipped),
-        samples_per_second=output.metrics.get("train_samples_per_second"),
-        last_checkpoint=last_checkpoint(output_dir),
-    )
+    return {
+        "output_dir": output_dir,
+        "global_step": output.global_step,
+        "train_loss": float(output.training_loss),
+        "runtime_s": runtime,
+        "skipped": dict(dataset.skipped),
+        "samples_per_second": output.metrics.get("train_samples_per_second"),
+        "last_checkpoint": last_checkpoint(output_dir),
+    }
 
 
 # -- stage 2 ----------------------------------------------------------------------------------

@@ -207,7 +207,7 @@ def train(run: RunConfig) -> TrainResult:
     if run.model.qformer_pretrain:  # BLIP-2 stage 1: the Q-Former alone, no LLM
         from mllm.training.qformer_stage import train_stage1
 
-        return train_stage1(run)
+        return TrainResult(**train_stage1(run))
     set_seed(run.training.seed)
     output_dir = Path(run.training.output_dir)
     resume = resolve_resume(run.training.resume_from_checkpoint, output_dir)
