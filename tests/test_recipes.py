@@ -59,8 +59,11 @@ def test_every_family_has_every_stage() -> None:
 def test_recipe_validates(recipe: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(REPO)
     config = _build(recipe)
-    stage = recipe.stem
-    if stage == "stage1_align":
+    stage = next((s for s in ("stage1_qformer", "stage2_generative") if recipe.stem.endswith(s)), recipe.stem)
+    if stage == "stage1_qformer":  # BLIP-2 stage 1: the Q-Former alone
+        assert config.model.qformer_pretrain and config.model.init_from is None
+        assert config.tuning.tune_vision == "frozen"
+    elif stage == "stage1_align":
         assert config.model.init_from is None
         assert (config.tuning.tune_vision, config.tuning.tune_connector, config.tuning.tune_llm) == (
             "frozen",
@@ -74,6 +77,7 @@ def test_recipe_validates(recipe: Path, monkeypatch: pytest.MonkeyPatch) -> None
             "stage2_lora": "lora",
             "stage2_qlora": "qlora",
             "stage2_cot": "full",
+            "stage2_generative": "frozen",  # BLIP-2 stage 2: Q-Former + projection, frozen LLM
         }
         expected = expected[stage]
         assert config.tuning.tune_llm == expected
