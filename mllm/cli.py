@@ -32,7 +32,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     ),
     "eval": (
         "mllm.evaluation.runner",
-        "evaluate a model: mllm eval MODEL --task vqa --data FILE [--output DIR]",
+        "evaluate a model: mllm eval MODEL --task vqa|caption|mcq|yesno --data FILE [--output DIR]",
     ),
     "merge": (
         "mllm.training.merge",
@@ -72,7 +72,8 @@ _LOADER_FILES = (
 
 def _usage() -> str:
     lines = ["usage: mllm [--debug] <command> [args...]", "", "commands:"]
-    lines += [f"  {name:11s} {help_}" for name, (_, help_) in SUBCOMMANDS.items()]
+    width = max(len(name) for name in SUBCOMMANDS) + 2
+    lines += [f"  {name:{width}s}{help_}" for name, (_, help_) in SUBCOMMANDS.items()]
     lines += [
         "",
         "options:",
