@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from PIL import Image
 
@@ -30,3 +33,33 @@ def record(rid: str, *pairs: tuple[str, str], images: tuple = (), system: str | 
     for user, assistant in pairs:
         turns += [Turn("user", user), Turn("assistant", assistant)]
     return Record(rid, tuple(turns), tuple(images), f"test.json#{rid}")
+
+
+def save_tiny_lora_run(
+    components: dict[str, Path], out: Path, llm: str = "llama", config: Mapping[str, Any] | None = None
+) -> Path:
+    """A tiny LoRA run (clip + ``llm``, mlp connector, r 4) saved as `mllm train` saves it;
+    ``config`` is the recipe mapping its record carries (``template``, ``model_max_length``, ...)."""
+    import torch
+    from transformers import AutoConfig
+
+    from mllm.config import TuningArguments
+    from mllm.models.adapters import apply_tuning
+    from mllm.models.modeling_mllm import MllmForConditionalGeneration
+    from mllm.run_dir import RunRecord, save_run_dir
+
+    vision, language = str(components["clip-vision"]), str(components[llm])
+    tuning = TuningArguments(tune_llm="lora", lora_r=4, lora_alpha=8)
+    torch.manual_seed(0)
+    model = apply_tuning(
+        MllmForConditionalGeneration.from_components(vision, language, connector="mlp"), tuning
+    )
+    processor = MllmProcessor.from_components(vision, language, model.config.num_image_tokens)
+    record = RunRecord.new(
+        vision_tower=vision,
+        model_name_or_path=language,
+        tuning=dataclasses.asdict(tuning),
+        base_vocab_size=AutoConfig.from_pretrained(language).vocab_size,
+        config=config,
+    )
+    return save_run_dir(model, out, processor=processor, record=record)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -10,15 +9,9 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
-from transformers import AutoConfig
 
-from mllm.config import TuningArguments
-from mllm.models import MllmProcessor
-from mllm.models.adapters import apply_tuning
-from mllm.models.modeling_mllm import MllmForConditionalGeneration
-from mllm.training.checkpoint import make_run_record, save_output_dir
+from tests.data_fixtures import save_tiny_lora_run
 
 pexpect = pytest.importorskip("pexpect")
 
@@ -28,19 +21,9 @@ TIMEOUT = 120  # seconds for start-up (torch import, model load) on a loaded 2-c
 
 def _run(components: dict[str, Path], out: Path, max_length: int) -> Path:
     """A tiny LoRA run as `mllm train` saves it, with `template: chatml` and `model_max_length`."""
-    vision, llm = str(components["clip-vision"]), str(components["qwen2"])
-    tuning = TuningArguments(tune_llm="lora", lora_r=4, lora_alpha=8)
-    torch.manual_seed(0)
-    model = apply_tuning(MllmForConditionalGeneration.from_components(vision, llm, connector="mlp"), tuning)
-    processor = MllmProcessor.from_components(vision, llm, model.config.num_image_tokens)
-    record = make_run_record(
-        vision_tower=vision,
-        model_name_or_path=llm,
-        tuning=dataclasses.asdict(tuning),
-        base_vocab_size=AutoConfig.from_pretrained(llm).vocab_size,
-        config={"template": "chatml", "model_max_length": max_length},
+    return save_tiny_lora_run(
+        components, out, "qwen2", {"template": "chatml", "model_max_length": max_length}
     )
-    return save_output_dir(model, out, processor=processor, run_record=record)
 
 
 @pytest.fixture(scope="module")

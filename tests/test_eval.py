@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
-from transformers import AutoConfig
 
 import mllm.evaluation.runner as runner
-from mllm.config import TuningArguments
 from mllm.evaluation import evaluate, vqa_accuracy
 from mllm.evaluation.runner import (
     LLAVA_VQA_INSTRUCTION,
@@ -23,28 +19,13 @@ from mllm.evaluation.runner import (
     question_type_prior,
 )
 from mllm.models import MllmProcessor
-from mllm.models.adapters import apply_tuning
-from mllm.models.modeling_mllm import MllmForConditionalGeneration
-from mllm.training.checkpoint import make_run_record, save_output_dir
+from tests.data_fixtures import save_tiny_lora_run
 
 
 @pytest.fixture(scope="module")
 def saved_model(tiny_components: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny LoRA run saved as `mllm train` saves it (trained.safetensors + adapter + mllm_run.json)."""
-    vision, llm = str(tiny_components["clip-vision"]), str(tiny_components["llama"])
-    tuning = TuningArguments(tune_llm="lora", lora_r=4, lora_alpha=8)
-    torch.manual_seed(0)
-    model = apply_tuning(MllmForConditionalGeneration.from_components(vision, llm, connector="mlp"), tuning)
-    processor = MllmProcessor.from_components(vision, llm, model.config.num_image_tokens)
-    record = make_run_record(
-        vision_tower=vision,
-        model_name_or_path=llm,
-        tuning=dataclasses.asdict(tuning),
-        base_vocab_size=AutoConfig.from_pretrained(llm).vocab_size,
-    )
-    return save_output_dir(
-        model, tmp_path_factory.mktemp("tiny-lora-run"), processor=processor, run_record=record
-    )
+    return save_tiny_lora_run(tiny_components, tmp_path_factory.mktemp("tiny-lora-run"))
 
 
 @pytest.fixture(scope="module")
@@ -321,7 +302,6 @@ def test_multi_turn_record_asks_the_last_turn_with_the_earlier_ones_as_context(
     """Two images, a system prompt and an earlier exchange: the prompt is exactly what training showed
     the model before the last answer, and both images go in placeholder order."""
     from mllm.data.formats import load_records
-    from mllm.models import MllmProcessor
 
     first, second = _write_images(tmp_path, (16, 16), (32, 24))
     record = {
@@ -415,7 +395,6 @@ def test_eval_of_a_model_trained_on_llava_records_scores_what_its_answers_deserv
     from mllm.config import build_run_config
     from mllm.data.formats import load_records
     from mllm.data.templates import render
-    from mllm.models import MllmProcessor
     from mllm.training.stages import train
 
     data = tmp_path / "data"

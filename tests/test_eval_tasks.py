@@ -3,41 +3,23 @@ an interrupted or limited run picks up where it stopped and ends with the files 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 from PIL import Image
-from transformers import AutoConfig
 
 import mllm.inference.generate as generate
-from mllm.config import TuningArguments
 from mllm.evaluation import evaluate
-from mllm.models import MllmProcessor
-from mllm.models.adapters import apply_tuning
-from mllm.models.modeling_mllm import MllmForConditionalGeneration
-from mllm.training.checkpoint import make_run_record, save_output_dir
+from tests.data_fixtures import save_tiny_lora_run
 
 
 @pytest.fixture(scope="module")
 def saved_model(tiny_components: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny LoRA run saved as `mllm train` saves it."""
-    vision, llm = str(tiny_components["clip-vision"]), str(tiny_components["llama"])
-    tuning = TuningArguments(tune_llm="lora", lora_r=4, lora_alpha=8)
-    torch.manual_seed(0)
-    model = apply_tuning(MllmForConditionalGeneration.from_components(vision, llm, connector="mlp"), tuning)
-    processor = MllmProcessor.from_components(vision, llm, model.config.num_image_tokens)
-    record = make_run_record(
-        vision_tower=vision,
-        model_name_or_path=llm,
-        tuning=dataclasses.asdict(tuning),
-        base_vocab_size=AutoConfig.from_pretrained(llm).vocab_size,
-    )
-    return save_output_dir(model, tmp_path_factory.mktemp("tiny-run"), processor=processor, run_record=record)
+    return save_tiny_lora_run(tiny_components, tmp_path_factory.mktemp("tiny-run"))
 
 
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}

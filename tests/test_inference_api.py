@@ -2,38 +2,23 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoConfig
 
-from mllm.config import TuningArguments
 from mllm.inference import ChatModel, build_generation_prompt, generate_answers
 from mllm.models import MllmProcessor
-from mllm.models.adapters import apply_tuning
 from mllm.models.modeling_mllm import MllmForConditionalGeneration
-from mllm.training.checkpoint import make_run_record, save_output_dir
+from tests.data_fixtures import save_tiny_lora_run
 
 
 @pytest.fixture(scope="module")
 def lora_run(tiny_components: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny LoRA run as `mllm train` saves it, with `template: chatml` recorded."""
-    vision, llm = str(tiny_components["clip-vision"]), str(tiny_components["qwen2"])
-    tuning = TuningArguments(tune_llm="lora", lora_r=4, lora_alpha=8)
-    torch.manual_seed(0)
-    model = apply_tuning(MllmForConditionalGeneration.from_components(vision, llm, connector="mlp"), tuning)
-    processor = MllmProcessor.from_components(vision, llm, model.config.num_image_tokens)
-    record = make_run_record(
-        vision_tower=vision,
-        model_name_or_path=llm,
-        tuning=dataclasses.asdict(tuning),
-        base_vocab_size=AutoConfig.from_pretrained(llm).vocab_size,
-        config={"template": "chatml", "model_max_length": 256},
-    )
-    return save_output_dir(model, tmp_path_factory.mktemp("lora-run"), processor=processor, run_record=record)
+    config = {"template": "chatml", "model_max_length": 256}
+    return save_tiny_lora_run(tiny_components, tmp_path_factory.mktemp("lora-run"), "qwen2", config)
 
 
 @pytest.fixture(scope="module")
