@@ -65,7 +65,9 @@ class ModelArguments:
     qformer_tokenizer: str | None = None  # tokenizer of the Q-Former's text; None = model_name_or_path's
     qformer_max_text_length: int = 32  # caption tokens, [CLS] included (BLIP-2: 32)
     contrastive_loss: Literal["infonce", "sigmoid"] = "infonce"  # ITC: CLIP InfoNCE or SigLIP sigmoid
-    qformer_text_init: str | None = None  # BERT-family checkpoint for the Q-Former (its size too); None = random
+    qformer_text_init: str | None = (
+        None  # BERT-family checkpoint for the Q-Former (its size too); None = random
+    )
 
 
 @dataclass
@@ -98,9 +100,15 @@ class DataArguments:
         "drop"  # a sample too long: drop it, or cut text after its images
     )
     packing: bool = False  # pack several samples into one row (attention kept within samples)
-    packing_max_length: int | None = None  # tokens per packed row, image tokens counted; None = model_max_length
-    vision_feature_cache: str | None = None  # frozen-tower features folder (mllm cache-features); None = run the tower
-    vision_feature_cache_dtype: Literal["float16", "bfloat16", "float32"] = "float16"  # cached features' dtype
+    packing_max_length: int | None = (
+        None  # tokens per packed row, image tokens counted; None = model_max_length
+    )
+    vision_feature_cache: str | None = (
+        None  # frozen-tower features folder (mllm cache-features); None = run the tower
+    )
+    vision_feature_cache_dtype: Literal["float16", "bfloat16", "float32"] = (
+        "float16"  # cached features' dtype
+    )
     group_by_modality_length: bool = True  # length-grouped batches, image and text-only apart
     allow_symlinks: bool = False  # follow symlinks in image_folder that point outside it (refused by default)
 
