@@ -162,3 +162,13 @@ def test_generation_stops_on_the_supervised_end_token(family, tokenizers):
     ids = end_of_turn_token_ids(tokenizer, None)
     assert ids[0] == tokenizer.convert_tokens_to_ids(family.end_token)
     assert tokenizer.eos_token_id in ids
+
+
+def test_generation_prompt_tokens_are_headers_even_when_they_share_a_prefix_with_eos(tokenizers):
+    """Phi-3 ends a chat with <|endoftext|> and prompts with <|assistant|>: both start with "<|", so a
+    character-wise common prefix cuts into the header; it is still known as a header (never an end)."""
+    from mllm.data.templates import _ChatRenderer, _special_tokens
+
+    tokenizer = tokenizers["phi3", "bpe"]
+    chat = _ChatRenderer(tokenizer, [{"role": "user", "content": "hi"}])
+    assert chat.header_tokens(_special_tokens(tokenizer)) == frozenset({"<|assistant|>"})

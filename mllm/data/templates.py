@@ -235,8 +235,9 @@ class _ChatRenderer:
         except ValueError:
             return frozenset()
         common = len(os.path.commonprefix([with_prompt, without]))
-        prompt = with_prompt[common:]
-        return frozenset(s for s in specials if s in prompt)
+        # A token counts when it ends inside the generation prompt: the character-wise common prefix
+        # may end inside one ("<|endoftext|>" and "<|assistant|>" share "<|").
+        return frozenset(s for s in specials if with_prompt.find(s, max(0, common - len(s) + 1)) >= 0)
 
 
 def _locate_assistant_messages(
@@ -261,11 +262,19 @@ def _locate_assistant_messages(
             )
         end = start + len(content)
         if turn.role == "assistant":
-            through = chat.render(i + 1)
             spans.append((start, end))
-            boundaries.append(len(through) if text.startswith(through) and len(through) >= end else None)
+            boundaries.append(_turn_end(chat, i + 1, text, end))
         cursor = end
     return spans, boundaries
+
+
+def _turn_end(chat: _ChatRenderer, n: int, text: str, content_end: int) -> int | None:
+    """Where the template ends the first ``n`` messages, when that render is a prefix of ``text``."""
+    try:
+        through = chat.render(n)
+    except ValueError:  # a template that refuses a chat ending with an assistant turn
+        return None
+    return len(through) if text.startswith(through) and len(through) >= content_end else None
 
 
 def _generation_spans(
