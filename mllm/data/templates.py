@@ -335,9 +335,14 @@ def close_with_end_of_turn(
     return start, position + len(token)
 
 
-def _ends_with_special(text: str, span: tuple[int, int], specials: Sequence[str]) -> bool:
+def _closing_special(text: str, span: tuple[int, int], specials: Sequence[str]) -> str | None:
+    """The special token the span ends with, if any (``specials`` longest first)."""
     start, end = span
-    return any(len(s) <= end - start and text.startswith(s, end - len(s)) for s in specials)
+    return next((s for s in specials if len(s) <= end - start and text.startswith(s, end - len(s))), None)
+
+
+def _ends_with_special(text: str, span: tuple[int, int], specials: Sequence[str]) -> bool:
+    return _closing_special(text, span, specials) is not None
 
 
 def end_of_turn_token_ids(tokenizer: PreTrainedTokenizerBase, template: str | None) -> list[int]:
@@ -348,10 +353,8 @@ def end_of_turn_token_ids(tokenizer: PreTrainedTokenizerBase, template: str | No
     rendered = render(probe, tokenizer, template)
     specials = _special_tokens(tokenizer)
     ids: list[int] = []
-    for start, end in rendered.spans:
-        token = next(
-            (s for s in specials if len(s) <= end - start and rendered.text.startswith(s, end - len(s))), None
-        )
+    for span in rendered.spans:
+        token = _closing_special(rendered.text, span, specials)
         if token is not None:
             ids.append(tokenizer.convert_tokens_to_ids(token))
     if tokenizer.eos_token_id is not None:
