@@ -8,9 +8,9 @@ The registration is deferred until transformers loads its Auto classes, so `impo
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from mllm.lazy import lazy_attributes
 from mllm.models import register_auto_classes_on_import
 
 if TYPE_CHECKING:
@@ -20,10 +20,10 @@ __all__ = ["MllmConfig", "MllmForConditionalGeneration", "MllmProcessor", "__ver
 __version__ = "0.1.0"
 
 
-def __getattr__(name: str) -> Any:
-    if name in ("MllmConfig", "MllmForConditionalGeneration", "MllmProcessor"):
-        return getattr(importlib.import_module("mllm.models"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(
+    __name__,
+    {name: "mllm.models" for name in ("MllmConfig", "MllmForConditionalGeneration", "MllmProcessor")},
+)
 
 
 register_auto_classes_on_import()

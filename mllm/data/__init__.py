@@ -6,8 +6,7 @@ in through `mllm.data.collator` or `mllm.data.dataset`.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from mllm.lazy import lazy_attributes
 
 _LAZY = {
     "MllmCollator": "mllm.data.collator",
@@ -82,7 +81,4 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)

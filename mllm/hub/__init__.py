@@ -6,8 +6,9 @@ line is ``mllm export`` and ``mllm push``. Names load on first use: importing `m
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from mllm.lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from mllm.hub.card import model_card
@@ -25,7 +26,4 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)

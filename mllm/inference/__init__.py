@@ -5,8 +5,9 @@ Names load on first use, so `mllm chat --help` does not import torch.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from mllm.lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from mllm.inference.api import ChatModel, to_turns
@@ -24,7 +25,4 @@ _WHERE = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    if name in _WHERE:
-        return getattr(importlib.import_module(_WHERE[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _WHERE)

@@ -14,6 +14,8 @@ import sys
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
+from mllm.lazy import lazy_attributes
+
 if TYPE_CHECKING:
     from mllm.models.configuration_mllm import MllmConfig
     from mllm.models.modeling_mllm import MllmForConditionalGeneration, MllmPreTrainedModel
@@ -43,10 +45,7 @@ _AUTO_MODULES = (
 )
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 def _is_registered() -> bool:
