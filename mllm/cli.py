@@ -80,8 +80,8 @@ def _usage() -> str:
         "  -h, --help  show this message; `mllm <command> --help` for a command's own options",
         "  --debug     print the Python traceback of an error (also: MLLM_DEBUG=1)",
         "",
-        "exit status: 0 done, 1 bad data / files / components, 2 usage or configuration error,",
-        "130 interrupted.",
+        "exit status: 0 done, 1 bad data / files / components, 2 usage or configuration error, 130 or 143 when",
+        "Ctrl-C or SIGTERM stopped training (it says how to resume).",
     ]
     return "\n".join(lines)
 

@@ -1,6 +1,6 @@
 """Atomic file and folder writes: a crash mid-write never leaves a half-written file in place.
 
-Every write goes to a hidden sibling (``.NAME.partial-XXXX``) on the same filesystem and is renamed
+Every write goes to a hidden sibling (``.NAME.partial-`` and 8 random hex digits) on the same filesystem and is renamed
 over the destination when complete. Files get the permissions of an ordinary ``open()`` (0666 less
 the umask), unlike ``tempfile.mkstemp``'s 0600, so a run dir's files all look alike.
 ``remove_partials`` clears what a killed writer left behind.
@@ -28,7 +28,7 @@ __all__ = [
     "remove_partials",
 ]
 
-PARTIAL = ".partial-"  # marks a staging file or folder: `.NAME.partial-XXXX`
+PARTIAL = ".partial-"  # marks a staging file or folder: `.NAME.partial-` + 8 hex digits
 _OLD = ".old-"  # a destination moved aside while its replacement is renamed in
 
 

@@ -8,7 +8,7 @@ transforming and encoding images: the tower never runs.
 Layout of DIR::
 
     manifest.json              written last (atomically): the key, the shards, the path index
-    shard-XXXXXXXX-00000.safetensors   one tensor per image, named by the image's content hash,
+    shard-<8 hex>-00000.safetensors    one tensor per image, named by the image's content hash,
                                        [T_vis, D_vis] in the cache dtype; read through mmap
 
 Key (`FeatureKey`): everything that changes the features -- the tower id and a SHA-256 over its
