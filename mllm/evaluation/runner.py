@@ -4,9 +4,12 @@
                     [--batch-size N] [--max-new-tokens N] [--template NAME] [--limit N]
                     [--blank-images] [--instruction TEXT] [--image-position before|after] [--strict]
                     [--metrics bleu,meteor,rouge,cider[,spice]] [--circular] [--overwrite] [--json]
+    mllm eval MODEL --task retrieval --data FILE [--rerank K] [--image-folder DIR] [--output DIR] ...
 
 Each task is one file in ``mllm/evaluation/tasks/`` (its data shapes, prompt and metrics are in its
 docstring) registered in :data:`TASKS`; they all run through one loop (:mod:`mllm.evaluation.loop`).
+``--task retrieval`` ranks images and captions instead of generating (a BLIP-2 stage-1 run dir or a
+CLIP / SigLIP dual encoder; :mod:`mllm.evaluation.retrieval_eval`).
 
 ``--data`` is read as `mllm train` reads it (``mllm.data.formats.read_raw_records``: json list,
 jsonl, parquet, a ``datasets.save_to_disk`` folder, an imagefolder with ``metadata.jsonl``), one
@@ -57,6 +60,7 @@ from typing import Any
 import mllm.evaluation.tasks  # noqa: F401  (registers every task in TASKS)
 from mllm.evaluation.caption_eval import CAPTION_METRICS, DEFAULT_CAPTION_METRICS
 from mllm.evaluation.loop import BLANK_COLOR, TASKS, EvalOptions, Task, blank_like, results_table, run_task
+from mllm.evaluation.retrieval_eval import RETRIEVAL_TASK
 from mllm.evaluation.tasks.mcq import LLAVA_MCQ_INSTRUCTION
 from mllm.evaluation.tasks.vqa import (
     IMAGE_POSITIONS,
@@ -164,6 +168,42 @@ def evaluate_model(
     )
 
 
+def task_names() -> list[str]:
+    """Every ``--task``: the generation tasks of :data:`TASKS`, then retrieval."""
+    return [*TASKS.names(), RETRIEVAL_TASK]
+
+
+def _retrieval(args: argparse.Namespace) -> dict[str, Any]:
+    """`mllm eval --task retrieval`; the generation-only options are refused rather than ignored."""
+    from mllm.evaluation.retrieval_eval import evaluate_retrieval
+
+    unused = {
+        "--template": args.template is not None,
+        "--instruction": args.instruction is not None,
+        "--blank-images": args.blank_images,
+        "--metrics": args.metrics is not None,
+        "--circular": args.circular,
+        "--dtype": args.dtype is not None,
+        "--max-new-tokens": args.max_new_tokens != 16,
+    }
+    given = [flag for flag, used in unused.items() if used]
+    if given:
+        raise SystemExit(
+            f"mllm eval: {', '.join(given)} do not apply to --task retrieval (it generates nothing)."
+        )
+    return evaluate_retrieval(
+        args.model,
+        args.data,
+        args.output,
+        image_folder=args.image_folder,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        rerank=args.rerank,
+        strict=args.strict,
+        device=args.device,
+    )
+
+
 def trained_template(model_path: str | os.PathLike[str]) -> str | None:
     """The ``template`` recorded in the run's ``mllm_run.json`` (None when it recorded none)."""
     from mllm.run_dir import read_record
@@ -202,6 +242,13 @@ def evaluate(
     """
     import torch
 
+    if task == RETRIEVAL_TASK:
+        from mllm.evaluation.retrieval_eval import evaluate_retrieval
+
+        return evaluate_retrieval(
+            model_path, data, output, image_folder=image_folder, batch_size=batch_size, limit=limit,
+            strict=strict, device=device,
+        )  # fmt: skip
     _options(task, image_position, instruction, metrics, circular)  # fail before loading anything
     if device is None:
         device = "cuda" if torch.cuda.is_available() else None
@@ -244,8 +291,12 @@ def _parser() -> argparse.ArgumentParser:
         "every earlier turn as context and its <image> placeholders where they stand. Re-running on the "
         "same --output skips the samples already predicted there.",
     )
-    parser.add_argument("model", help="an output dir of `mllm train` (full weights or LoRA adapter)")
-    parser.add_argument("--task", required=True, help=f"one of: {', '.join(TASKS.names())}")
+    parser.add_argument(
+        "model",
+        help="an output dir of `mllm train` (full weights or LoRA adapter); for --task retrieval a BLIP-2 "
+        "stage-1 output dir or a CLIP / SigLIP model (local dir or Hub id)",
+    )
+    parser.add_argument("--task", required=True, help=f"one of: {', '.join(task_names())}")
     parser.add_argument(
         "--data",
         required=True,
@@ -304,6 +355,14 @@ def _parser() -> argparse.ArgumentParser:
         help="discard the predictions already in --output (default: resume, skipping them, unless they were "
         "made by other weights or with another --max-new-tokens / --blank-images)",
     )
+    parser.add_argument(
+        "--rerank",
+        type=int,
+        default=0,
+        metavar="K",
+        help="retrieval only: re-rank each image's and caption's ITC top-K by the Q-Former's ITM head, as "
+        "BLIP-2 does (K=128 on COCO; default 0: ITC only)",
+    )
     parser.add_argument("--json", action="store_true", help="print the metrics as JSON instead of a table")
     parser.add_argument(
         "--dtype",
@@ -320,8 +379,14 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `mllm eval`; prints the metrics as a table (or as JSON with ``--json``)."""
     args = _parser().parse_args(argv)
-    if args.task not in TASKS:
-        _parser().error(f"unknown task `{args.task}`; supported tasks: {', '.join(TASKS.names())}.")
+    if args.task not in task_names():
+        _parser().error(f"unknown task `{args.task}`; supported tasks: {', '.join(task_names())}.")
+    if args.rerank and args.task != RETRIEVAL_TASK:
+        _parser().error(f"--rerank is for --task retrieval, not `{args.task}`.")
+    if args.task == RETRIEVAL_TASK:
+        metrics = _retrieval(args)
+        print(json.dumps(metrics, indent=2) if args.json else results_table(args.task, metrics))
+        return 0
     metrics = evaluate(
         args.model,
         args.task,
