@@ -2,7 +2,7 @@
 # Set up mllm in ./.venv with nothing but Python 3 on the machine.
 #
 #   bash scripts/setup.sh          # the library and its CLI
-#   bash scripts/setup.sh --dev    # + test and lint tools
+#   bash scripts/setup.sh --dev    # + test and lint tools, and lmms-eval without its heavy deps
 #
 # PyTorch is installed first, so that the build matching the machine is the one pip keeps:
 #   * a torch already in the venv is kept;
@@ -43,4 +43,14 @@ fi
 "${pip[@]}" install -q setuptools wheel
 "${pip[@]}" install -q --no-build-isolation "deepspeed>=0.16"
 "${pip[@]}" install -q -e ".${extras}"
+if [[ -n "$extras" ]]; then
+  # lmms-eval for tests/test_lmms_eval_adapter.py (`python -m lmms_eval --model mllm`), without its own
+  # requirements (torchvision, which would swap torch, and several GB more): only what its CLI imports
+  # to run a local task, the torch installed above pinned. `pip install -e ".[lmms]"` gives the full set.
+  # filelock<4: lmms-eval 0.7.3 patches filelock._api, which filelock 4 removed.
+  "${pip[@]}" install -q --no-deps "lmms-eval==0.7.3"
+  echo "torch==$("$py" -c 'import torch; print(torch.__version__)')" >.venv/torch-pin.txt
+  "${pip[@]}" install -q -c .venv/torch-pin.txt loguru sacrebleu evaluate aiohttp pytablewriter tenacity \
+    "filelock<4"
+fi
 echo "setup: done ($("$py" -c 'import torch, transformers; print(f"torch {torch.__version__}, transformers {transformers.__version__}")'))"
