@@ -32,7 +32,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     ),
     "eval": (
         "mllm.evaluation.runner",
-        "evaluate a model: mllm eval MODEL --task vqa|caption|mcq|yesno --data FILE [--output DIR]",
+        "evaluate a model: mllm eval MODEL --task vqa|caption|mcq|yesno|retrieval --data FILE [--cot --beams N]",
     ),
     "merge": (
         "mllm.training.merge",

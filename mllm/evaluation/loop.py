@@ -68,6 +68,9 @@ class EvalOptions:
     instruction: str | None = None  # appended on a new line after the question, only when given
     metrics: tuple[str, ...] | None = None  # caption: the pycocoevalcap metrics (None: the default set)
     circular: bool = False  # mcq: MMBench circular evaluation (every rotation of the options asked)
+    cot: bool = False  # score the <CONCLUSION> of a staged chain-of-thought answer (LLaVA-CoT)
+    beams: int = 1  # cot: candidates per search step (1: one greedy answer, no search)
+    search: str = "stage"  # cot with beams > 1: stage | best_of_n | sentence (StageBeamSearch methods)
 
 
 class Sample(Protocol):
@@ -230,6 +233,8 @@ def run_task(
 
     output = Path(output)
     samples = list(task.load(data, image_folder, limit, options))
+    if options.cot:
+        samples = [_conclusion_references(s) for s in samples]
     ids = _unique_ids(samples)
     image_token = getattr(processor, "image_token", IMAGE_PLACEHOLDER)
     prompts = [
@@ -244,13 +249,18 @@ def run_task(
         "max_new_tokens": max_new_tokens,
         "blank_images": blank_images,
     }  # the prompt (template, instruction, image position) is checked per sample
+    if options.cot:
+        state.update(cot=True, beams=options.beams, search=options.search)
     _prepare_output(output, state, overwrite)
     partial = output / PARTIAL_FILE
     by_id = {ids[i]: prompts[i] for i in range(len(samples))}
     done: dict[str, str] = {}  # id -> prediction, from an earlier run on this folder
+    traces: dict[str, Any] = {}  # cot: id -> the search trace
     for row in [*_read_rows(output / "predictions.jsonl"), *_read_rows(partial)]:
         if by_id.get(row["id"]) == row.get("prompt"):
-            done[str(row["id"])] = str(row["prediction"])
+            done[str(row["id"])] = str(row.get("cot_answer", row["prediction"]))
+            if row.get("cot_trace") is not None:
+                traces[str(row["id"])] = row["cot_trace"]
     if done:
         print(
             f"resuming in {output}: {len(done)} of {len(samples)} samples already predicted, "
@@ -259,9 +269,13 @@ def run_task(
             flush=True,
         )
     # the partial file restarts from what is kept, so a stale row (other prompt) never comes back
-    save_jsonl([{"id": i, "prompt": by_id[i], "prediction": p} for i, p in done.items()], partial)
+    save_jsonl(
+        [{"id": i, "prompt": by_id[i], "prediction": p, "cot_trace": traces.get(i)} for i, p in done.items()],
+        partial,
+    )
 
     stop_ids = end_of_turn_token_ids(processor.tokenizer, template)  # answers end where training ended them
+    searcher = _searcher(model, processor, template, options, max_new_tokens) if options.cot else None
     todo = [i for i in range(len(samples)) if ids[i] not in done]
     skipped: list[dict[str, str]] = []
     with (
@@ -283,26 +297,41 @@ def run_task(
                 batch.append(i)
             if not batch:
                 continue
-            answers = generate.generate_answers(
-                model,
-                processor,
-                [prompts[i] for i in batch],
-                images,
-                max_new_tokens=max_new_tokens,
-                batch_size=batch_size,
-                stop_token_ids=stop_ids,
-            )
+            batch_traces: list[Any] = [None] * len(batch)
+            if options.cot and options.beams > 1:
+                answers, batch_traces = _search_answers(
+                    searcher,
+                    [ids[i] for i in batch],
+                    [task.prompt_turns(samples[i], image_token, options) for i in batch],
+                    images,
+                )
+            else:
+                answers = generate.generate_answers(
+                    model,
+                    processor,
+                    [prompts[i] for i in batch],
+                    images,
+                    max_new_tokens=max_new_tokens,
+                    batch_size=batch_size,
+                    stop_token_ids=stop_ids,
+                )
             for group in images:
                 for image in group:
                     image.close()
-            for i, answer in zip(batch, answers):
+            for i, answer, trace in zip(batch, answers, batch_traces):
                 done[ids[i]] = answer
-                sink.write(json.dumps({"id": ids[i], "prompt": prompts[i], "prediction": answer}) + "\n")
+                traces[ids[i]] = trace
+                row = {"id": ids[i], "prompt": prompts[i], "prediction": answer, "cot_trace": trace}
+                sink.write(json.dumps(row) + "\n")
             sink.flush()
             bar.update(len(batch))
 
     answered = [i for i in range(len(samples)) if ids[i] in done]
     predictions = [done[ids[i]] for i in answered]
+    if options.cot:
+        from mllm.inference.stage_beam import stage_text
+
+        full, predictions = predictions, [stage_text(a) for a in predictions]
     per_sample, metrics = task.score([samples[i] for i in answered], predictions, options)
     rows = [
         {
@@ -316,6 +345,13 @@ def run_task(
         for i, prediction, columns in zip(answered, predictions, per_sample)
     ]
     metrics = {**metrics, "num_samples": len(answered), "num_skipped": len(skipped)}
+    if options.cot:
+        for row, i, answer in zip(rows, answered, full):
+            row.update(cot_answer=answer, cot_trace=traces.get(ids[i]))
+        metrics.update(
+            cot={"beams": options.beams, "search": options.search if options.beams > 1 else "none"},
+            no_conclusion=sum(1 for p in predictions if not p),
+        )
     if skipped:
         metrics.update(skipped=dict(Counter(s["reason"] for s in skipped)), skipped_questions=skipped)
         logger.warning(
@@ -330,6 +366,53 @@ def run_task(
     save_json(metrics, output / "metrics.json")
     partial.unlink(missing_ok=True)
     return metrics
+
+
+def _conclusion_references(sample: Any) -> Any:
+    """``sample`` with each reference that is a staged answer replaced by its <CONCLUSION> text (a
+    plain reference, such as a VQA answer, is kept)."""
+    import dataclasses
+
+    from mllm.inference.stage_beam import stage_text
+
+    refs = tuple(stage_text(r) or r for r in sample.references)
+    field_name = "answers" if hasattr(sample, "answers") else "references"
+    return dataclasses.replace(sample, **{field_name: refs})
+
+
+def _searcher(
+    model: Any, processor: Any, template: str | None, options: EvalOptions, max_new_tokens: int
+) -> Any:
+    """The `StageBeamSearch` of ``--cot --beams N`` (None without search); ``max_new_tokens`` bounds
+    each search step."""
+    if options.beams <= 1:
+        return None
+    from mllm.inference.api import ChatModel
+    from mllm.inference.stage_beam import StageBeamSearch
+
+    chat = ChatModel(model, processor, template)
+    return StageBeamSearch(
+        chat, beams=options.beams, method=options.search, max_stage_tokens=max_new_tokens, seed=0,
+        knockout="bracket",
+    )  # fmt: skip
+
+
+def _search_answers(
+    searcher: Any, ids: list[str], conversations: list[list[Turn]], images: list[list[Image.Image]]
+) -> tuple[list[str], list[dict[str, Any]]]:
+    """One searched answer and its trace per conversation, one question at a time. Each question's
+    sampling is seeded from its id, so a resumed run draws what an uninterrupted one drew."""
+    import zlib
+
+    import torch
+
+    answers, traces = [], []
+    for sample_id, turns, group in zip(ids, conversations, images):
+        searcher.generator = torch.Generator().manual_seed(zlib.crc32(sample_id.encode("utf-8")))
+        result = searcher.run(turns, group)
+        answers.append(result.answer)
+        traces.append(result.trace)
+    return answers, traces
 
 
 def _number(value: Any) -> str:

@@ -4,10 +4,13 @@
                     [--batch-size N] [--max-new-tokens N] [--template NAME] [--limit N]
                     [--blank-images] [--instruction TEXT] [--image-position before|after] [--strict]
                     [--metrics bleu,meteor,rouge,cider[,spice]] [--circular] [--overwrite] [--json]
+                    [--cot [--beams N] [--search stage|best_of_n|sentence]]
     mllm eval MODEL --task retrieval --data FILE [--rerank K] [--image-folder DIR] [--output DIR] ...
 
 Each task is one file in ``mllm/evaluation/tasks/`` (its data shapes, prompt and metrics are in its
 docstring) registered in :data:`TASKS`; they all run through one loop (:mod:`mllm.evaluation.loop`).
+``--cot`` scores the ``<CONCLUSION>`` of a LLaVA-CoT staged answer; ``--beams N`` finds that answer by
+stage-level beam search (:mod:`mllm.inference.stage_beam`; ``--search`` picks the paper's baselines).
 ``--task retrieval`` ranks images and captions instead of generating (a BLIP-2 stage-1 run dir or a
 CLIP / SigLIP dual encoder; :mod:`mllm.evaluation.retrieval_eval`).
 
@@ -97,10 +100,25 @@ _DTYPES = ("float32", "bfloat16", "float16")
 
 
 def _options(
-    task: str, image_position: str, instruction: str | None, metrics: list[str] | str | None, circular: bool
+    task: str,
+    image_position: str,
+    instruction: str | None,
+    metrics: list[str] | str | None,
+    circular: bool,
+    cot: bool = False,
+    beams: int = 1,
+    search: str = "stage",
 ) -> EvalOptions:
     """Check the task options before anything loads."""
+    from mllm.inference.stage_beam import METHODS
+
     TASKS.get(task)  # fails listing the supported tasks
+    if beams < 1:
+        raise ValueError(f"beams must be >= 1, got {beams}.")
+    if beams > 1 and not cot:
+        raise ValueError("--beams N searches a staged chain-of-thought answer: it needs --cot.")
+    if search not in METHODS:
+        raise ValueError(f"search `{search}` is not supported; choose one of: {', '.join(METHODS)}.")
     if image_position not in IMAGE_POSITIONS:
         raise ValueError(
             f"image_position `{image_position}` is not supported; choose one of: {', '.join(IMAGE_POSITIONS)}."
@@ -122,8 +140,22 @@ def _options(
     if circular and task != "mcq":
         raise ValueError(f"circular evaluation is for --task mcq, not `{task}`.")
     return EvalOptions(
-        image_position=image_position, instruction=instruction, metrics=names, circular=circular
+        image_position=image_position,
+        instruction=instruction,
+        metrics=names,
+        circular=circular,
+        cot=cot,
+        beams=beams,
+        search=search,
     )
+
+
+def default_max_new_tokens(cot: bool = False, beams: int = 1) -> int:
+    """The answer length limit when none is given: 16 for a short answer, 256 for a whole staged
+    answer (--cot), 96 per search step (--cot --beams N)."""
+    if not cot:
+        return 16
+    return 256 if beams <= 1 else 96
 
 
 def evaluate_model(
@@ -135,7 +167,7 @@ def evaluate_model(
     *,
     image_folder: str | None = None,
     batch_size: int = 8,
-    max_new_tokens: int = 16,
+    max_new_tokens: int | None = None,
     template: str | None = None,
     limit: int | None = None,
     blank_images: bool = False,
@@ -145,9 +177,14 @@ def evaluate_model(
     metrics: list[str] | str | None = None,
     circular: bool = False,
     overwrite: bool = False,
+    cot: bool = False,
+    beams: int = 1,
+    search: str = "stage",
 ) -> dict[str, Any]:
     """`evaluate` on an already loaded model and processor."""
-    options = _options(task, image_position, instruction, metrics, circular)
+    options = _options(task, image_position, instruction, metrics, circular, cot, beams, search)
+    if max_new_tokens is None:
+        max_new_tokens = default_max_new_tokens(cot, beams)
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
     return run_task(
@@ -184,7 +221,10 @@ def _retrieval(args: argparse.Namespace) -> dict[str, Any]:
         "--metrics": args.metrics is not None,
         "--circular": args.circular,
         "--dtype": args.dtype is not None,
-        "--max-new-tokens": args.max_new_tokens != 16,
+        "--max-new-tokens": args.max_new_tokens is not None,
+        "--cot": args.cot,
+        "--beams": args.beams != 1,
+        "--search": args.search != "stage",
     }
     given = [flag for flag, used in unused.items() if used]
     if given:
@@ -218,7 +258,7 @@ def evaluate(
     image_folder: str | None = None,
     output: str | None = None,
     batch_size: int = 8,
-    max_new_tokens: int = 16,
+    max_new_tokens: int | None = None,
     template: str | None = None,
     limit: int | None = None,
     blank_images: bool = False,
@@ -230,6 +270,9 @@ def evaluate(
     metrics: list[str] | str | None = None,
     circular: bool = False,
     overwrite: bool = False,
+    cot: bool = False,
+    beams: int = 1,
+    search: str = "stage",
 ) -> dict[str, Any]:
     """Load any output dir of `mllm train`, answer ``data`` and write ``predictions.jsonl`` and
     ``metrics.json`` into ``output`` (default ``MODEL/eval/TASK``); returns the metrics.
@@ -249,7 +292,7 @@ def evaluate(
             model_path, data, output, image_folder=image_folder, batch_size=batch_size, limit=limit,
             strict=strict, device=device,
         )  # fmt: skip
-    _options(task, image_position, instruction, metrics, circular)  # fail before loading anything
+    _options(task, image_position, instruction, metrics, circular, cot, beams, search)  # fail before loading
     if device is None:
         device = "cuda" if torch.cuda.is_available() else None
     if dtype is None:
@@ -279,6 +322,9 @@ def evaluate(
         metrics=metrics,
         circular=circular,
         overwrite=overwrite,
+        cot=cot,
+        beams=beams,
+        search=search,
     )
 
 
@@ -308,7 +354,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--output", default=None, help="output folder (default: MODEL/eval/TASK)")
     parser.add_argument("--batch-size", type=int, default=8, help="questions per generate call")
-    parser.add_argument("--max-new-tokens", type=int, default=16, help="answer length limit")
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="answer length limit (default 16; with --cot 256, and per search step 96 with --beams N)",
+    )
     parser.add_argument(
         "--template",
         default=None,
@@ -354,6 +405,28 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="discard the predictions already in --output (default: resume, skipping them, unless they were "
         "made by other weights or with another --max-new-tokens / --blank-images)",
+    )
+    parser.add_argument(
+        "--cot",
+        action="store_true",
+        help="the model answers in LLaVA-CoT stages (<SUMMARY> <CAPTION> <REASONING> <CONCLUSION>): score "
+        "the text inside <CONCLUSION> against the references (a staged reference is cut to its conclusion "
+        "too); the whole answer is kept in predictions.jsonl (cot_answer)",
+    )
+    parser.add_argument(
+        "--beams",
+        type=int,
+        default=1,
+        metavar="N",
+        help="with --cot: N candidates per search step, the best kept by the model's own pairwise "
+        "knock-out judge (LLaVA-CoT's stage-level beam search); 1 (default): one greedy answer, no search",
+    )
+    parser.add_argument(
+        "--search",
+        default="stage",
+        choices=("stage", "best_of_n", "sentence"),
+        help="with --cot --beams N: stage-level beam search (default), best-of-N whole answers, or "
+        "sentence-level beam search (LLaVA-CoT's baselines); the search trace is kept in predictions.jsonl",
     )
     parser.add_argument(
         "--rerank",
@@ -406,6 +479,9 @@ def main(argv: list[str] | None = None) -> int:
         metrics=args.metrics,
         circular=args.circular,
         overwrite=args.overwrite,
+        cot=args.cot,
+        beams=args.beams,
+        search=args.search,
     )
     if args.json:
         print(json.dumps(metrics, indent=2))

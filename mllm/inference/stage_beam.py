@@ -43,6 +43,7 @@ __all__ = [
     "Stage",
     "StageBeamSearch",
     "parse_verdict",
+    "stage_text",
 ]
 
 METHODS = ("stage", "best_of_n", "sentence")
@@ -599,10 +600,6 @@ class StageBeamSearch:
             self.model.train(was_training)
         sequence = trace_stages.pop()
         answer = self.tokenizer.decode(sequence[len(prompt_ids) :], skip_special_tokens=True).strip()
-        last = self.stages[-1]
-        found = re.search(re.escape(last.open_tag) + r"(.*?)" + re.escape(last.close_tag), answer, re.DOTALL)
-        if found is None and last.open_tag in answer:
-            found = re.search(re.escape(last.open_tag) + r"(.*)$", answer, re.DOTALL)
         warnings = self._tag_warnings()
         trace = {
             "method": self.method,
@@ -618,7 +615,7 @@ class StageBeamSearch:
             "warnings": warnings,
         }
         return SearchResult(
-            answer, found.group(1).strip() if found else "", trace, sequence, logits_out, prefixes
+            answer, stage_text(answer, self.stages[-1]), trace, sequence, logits_out, prefixes
         )
 
     def _tag_warnings(self) -> list[str]:
@@ -724,6 +721,16 @@ class StageBeamSearch:
         ends = [text.find(s) + len(s) for s in stops if s in text]
         end = min(ends) if ends else len(text)
         return text[:end], text[end:]
+
+
+def stage_text(answer: str, stage: Stage | None = None) -> str:
+    """The text inside ``stage``'s tags in a whole answer (default: the last default stage, the
+    ``<CONCLUSION>``); an opened, never closed stage runs to the end; "" when the stage is absent."""
+    stage = stage or DEFAULT_STAGES[-1]
+    found = re.search(re.escape(stage.open_tag) + r"(.*?)" + re.escape(stage.close_tag), answer, re.DOTALL)
+    if found is None and stage.open_tag in answer:
+        found = re.search(re.escape(stage.open_tag) + r"(.*)$", answer, re.DOTALL)
+    return found.group(1).strip() if found else ""
 
 
 def _inside(text: str, stage: Stage) -> str:
