@@ -14,6 +14,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from mllm import run_dir
+from mllm.models.attention import resolve_attn_implementation
 from mllm.models.configuration_mllm import MllmConfig
 from mllm.models.connectors import build_connector
 from mllm.models.processing_mllm import ensure_image_token
@@ -82,8 +83,10 @@ class MllmForConditionalGeneration(MllmPreTrainedModel, GenerationMixin):
         ``connector`` is the short name of ``connector_type`` (default ``mlp``).
         The connector is freshly initialised; the image token is added to the LLM's vocabulary.
         ``quantization_config`` (e.g. bitsandbytes NF4 for QLoRA) applies to the LLM only: the vision
-        tower and the connector are never quantised.
+        tower and the connector are never quantised. ``attn_implementation="flash_attention_2"``
+        falls back to sdpa with a warning where flash-attn cannot run (`resolve_attn_implementation`).
         """
+        attn_implementation = resolve_attn_implementation(attn_implementation)
         connector_type = config_kwargs.pop("connector_type", None)
         if connector is not None and connector_type is not None and connector != connector_type:
             raise ValueError(
@@ -171,6 +174,7 @@ class MllmForConditionalGeneration(MllmPreTrainedModel, GenerationMixin):
         record = run_dir.read_record(path)
         run_dir.warn_if_interrupted(path, record)
         run_dir.check_weight_files(path)
+        attn_implementation = resolve_attn_implementation(attn_implementation)
         load_kw = {"attn_implementation": attn_implementation} if attn_implementation is not None else {}
         if record.format == "full":
             return cls.from_pretrained(str(path), dtype=dtype, _mllm_plain=True, **load_kw)

@@ -4,12 +4,15 @@ Each check raises `PreflightError` with one line naming the file, folder or key 
 the data file exists and parses (a non-UTF-8 file names the byte), the image folder exists, the
 output dir is writable, ``resume_from_checkpoint`` points at a complete checkpoint (``true``: one
 exists in ``output_dir``), ``init_from`` is an mllm output dir, and with ``bad_data: strict`` every
-record and every image is checked (a strict run never stops midway on a bad image).
+record and every image is checked (a strict run never stops midway on a bad image). Switches that
+cannot run on this machine are refused naming the missing piece (`check_switches`): ``fp16`` on the
+CPU, ``use_liger_kernel`` without the liger-kernel package or without a GPU.
 """
 
 from __future__ import annotations
 
 import codecs
+import importlib.util
 import json
 import os
 import re
@@ -19,7 +22,7 @@ from pathlib import Path
 
 from mllm.config import RunConfig
 
-__all__ = ["PreflightError", "check_data_file", "check_images", "preflight"]
+__all__ = ["PreflightError", "check_data_file", "check_images", "check_switches", "preflight"]
 
 RUN_RECORD = "mllm_run.json"  # the run record every mllm output dir and checkpoint holds
 # files without which a checkpoint cannot be resumed (weights are checked separately)
@@ -40,11 +43,42 @@ def preflight(run: RunConfig) -> None:
     if data.eval_data_path:
         check_data_file(data.eval_data_path, key="eval_data_path")
     check_writable(run.training.output_dir)
+    check_switches(run)
     _check_resume(run.training.resume_from_checkpoint, run.training.output_dir)
     if run.model.init_from:
         check_run_dir(run.model.init_from, key="init_from")
     if data.bad_data == "strict":
         check_records_and_images(data.data_path, data.image_folder, allow_symlinks=data.allow_symlinks)
+
+
+def check_switches(run: RunConfig) -> None:
+    """Training switches that would fail late, or silently do nothing, on this machine.
+
+    - ``fp16: true`` on the CPU: accelerate keeps fp32 there without a word (no fp16 autocast, no
+      loss scaler; only a GPU runs fp16 mixed precision); ``bf16: true`` runs on the CPU.
+    - ``use_liger_kernel: true``: Liger's kernels are Triton kernels for a GPU; the package is the
+      ``liger`` extra. Without the package the Trainer would stop only after the model loaded.
+    """
+    training = run.training
+    on_cpu = training.device.type == "cpu"
+    if training.fp16 and on_cpu:
+        raise PreflightError(
+            "fp16=true needs a GPU: on the CPU accelerate trains in fp32 without saying so (no fp16 autocast, "
+            "no loss scaler). Use bf16=true (CPU autocast) or remove fp16."
+        )
+    if training.use_liger_kernel:
+        missing = [
+            f"{name} is not installed"
+            for name, module in (("liger-kernel", "liger_kernel"), ("triton", "triton"))
+            if importlib.util.find_spec(module) is None
+        ]
+        if on_cpu:
+            missing.append("the run is on the CPU")
+        if missing:
+            raise PreflightError(
+                "use_liger_kernel=true needs the liger-kernel package (pip install 'mllm[liger]') and a GPU "
+                f"for its Triton kernels; here {', '.join(missing)}. Remove use_liger_kernel to train without it."
+            )
 
 
 def check_data_file(path: str | os.PathLike[str], *, key: str = "data_path") -> None:

@@ -31,6 +31,7 @@ from mllm.data.dataset import PackedDataset, SkipReport, build_dataset
 from mllm.data.feature_cache import FeatureCache, feature_key
 from mllm.models.adapters import apply_tuning, llm_quantization_config
 from mllm.models.configuration_mllm import RECIPE_ARCHITECTURE_KEYS, MllmConfig
+from mllm.models.liger import apply_liger_to_llm
 from mllm.models.loading import load_model_and_processor
 from mllm.models.modeling_mllm import MllmForConditionalGeneration
 from mllm.models.processing_mllm import MllmProcessor
@@ -213,6 +214,8 @@ def train(run: RunConfig) -> TrainResult:
     resume = resolve_resume(run.training.resume_from_checkpoint, output_dir)
     model, processor, record = load_for_training(run)
     model = apply_tuning(model, run.tuning, gradient_checkpointing=run.training.gradient_checkpointing)
+    if run.training.use_liger_kernel:  # the Trainer's own call finds no kernels for model type mllm
+        apply_liger_to_llm(model, run.training.liger_kernel_config)
     cache = open_feature_cache(run, model, processor, record)
     dataset = _dataset(run, run.data.data_path, processor, cache)
     eval_dataset = (
