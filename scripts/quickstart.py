@@ -28,7 +28,7 @@ from scripts.build_tiny_components import TinySizes, build_tiny_components
 from scripts.pretrain_clip import pretrain_clip
 from scripts.pretrain_text_llm import pretrain_text_llm
 
-__all__ = ["main"]
+__all__ = ["MAIN_JOB_SIZES", "Row", "main", "prepare_world"]
 
 RECIPES = Path(__file__).resolve().parent.parent / "recipes" / "tiny"
 # Wider than the test components: the main job has to learn the shapes world, not only run.
@@ -71,6 +71,52 @@ def _train_stage(recipe: Path, overrides: list[str]):
     return train(build_run_config(recipe, overrides))
 
 
+def prepare_world(
+    work: Path, num_scenes: int, seed: int, clip_steps: int, text_steps: int
+) -> tuple[dict[str, Path], list[Row]]:
+    """Steps 1-3 of the main job: the synthetic data in ``work/data``, the tiny components in
+    ``work/tiny`` with the vision tower and the LLM pre-trained; returns the components and the rows
+    of the timing table. (scripts.blip2_path starts from the same world.)"""
+    rows: list[Row] = []
+    print(f"[1/6] synthetic data -> {work / 'data'}")
+    t = time.perf_counter()
+    counts = generate_dataset(work / "data", num_scenes=num_scenes, seed=seed)
+    rows.append(Row("synthetic data", 0, time.perf_counter() - t))
+    print("      " + ", ".join(f"{k}: {v}" for k, v in counts.items()))
+
+    print(f"[2/6] tiny components -> {work / 'tiny'}")
+    t = time.perf_counter()
+    tiny = build_tiny_components(work / "tiny", MAIN_JOB_SIZES, seed=seed)
+    rows.append(Row("tiny components", 0, time.perf_counter() - t))
+    t = time.perf_counter()
+    clip = pretrain_clip(
+        tiny["clip-vision"],
+        tiny["llama"],
+        work / "data" / "stage1_train.json",
+        work / "data",
+        tiny["clip-vision"],
+        steps=clip_steps,
+        seed=seed,
+        # each training object's patch token, at the layer the connector reads, is aligned with its phrase
+        regions=work / "data" / "scenes.jsonl",
+        feature_layer=int(_recipe_value("stage2_lora.yaml", "vision_feature_layer")),
+    )
+    rows.append(Row("vision tower: CLIP + region", clip_steps, time.perf_counter() - t, clip["final_loss"]))
+
+    print("[3/6] the tiny LLM learns the text of the synthetic corpus (no images)")
+    t = time.perf_counter()
+    text = pretrain_text_llm(
+        tiny["llama"],
+        [work / "data" / "stage1_train.json", work / "data" / "stage2_train.json"],
+        tiny["llama"],
+        max_steps=text_steps,
+        seed=seed,
+    )
+    rows.append(Row("LLM text pretraining", int(text["steps"]), time.perf_counter() - t, text["train_loss"]))
+
+    return tiny, rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -91,46 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--clip-steps", type=int, default=600, help="steps of contrastive vision pretraining")
     args = parser.parse_args(argv)
     work: Path = args.workdir
-    rows: list[Row] = []
     started = time.perf_counter()
 
-    print(f"[1/6] synthetic data -> {work / 'data'}")
-    t = time.perf_counter()
-    counts = generate_dataset(work / "data", num_scenes=args.num_scenes, seed=args.seed)
-    rows.append(Row("synthetic data", 0, time.perf_counter() - t))
-    print("      " + ", ".join(f"{k}: {v}" for k, v in counts.items()))
-
-    print(f"[2/6] tiny components -> {work / 'tiny'}")
-    t = time.perf_counter()
-    tiny = build_tiny_components(work / "tiny", MAIN_JOB_SIZES, seed=args.seed)
-    rows.append(Row("tiny components", 0, time.perf_counter() - t))
-    t = time.perf_counter()
-    clip = pretrain_clip(
-        tiny["clip-vision"],
-        tiny["llama"],
-        work / "data" / "stage1_train.json",
-        work / "data",
-        tiny["clip-vision"],
-        steps=args.clip_steps,
-        seed=args.seed,
-        # each training object's patch token, at the layer the connector reads, is aligned with its phrase
-        regions=work / "data" / "scenes.jsonl",
-        feature_layer=int(_recipe_value("stage2_lora.yaml", "vision_feature_layer")),
-    )
-    rows.append(
-        Row("vision tower: CLIP + region", args.clip_steps, time.perf_counter() - t, clip["final_loss"])
-    )
-
-    print("[3/6] the tiny LLM learns the text of the synthetic corpus (no images)")
-    t = time.perf_counter()
-    text = pretrain_text_llm(
-        tiny["llama"],
-        [work / "data" / "stage1_train.json", work / "data" / "stage2_train.json"],
-        tiny["llama"],
-        max_steps=args.text_steps,
-        seed=args.seed,
-    )
-    rows.append(Row("LLM text pretraining", int(text["steps"]), time.perf_counter() - t, text["train_loss"]))
+    tiny, rows = prepare_world(work, args.num_scenes, args.seed, args.clip_steps, args.text_steps)
 
     paths = [f"vision_tower={tiny['clip-vision']}", f"model_name_or_path={tiny['llama']}"]
     data = [f"image_folder={work / 'data'}"]
