@@ -249,3 +249,20 @@ def test_judges_batched_in_a_bracket_answer_as_judged_alone(chat: ChatModel, ima
     trace = _search(chat, beams=4, knockout="bracket").run(QUESTION, [image]).trace
     assert trace["judgements"] == 4 * 3
     assert [j["pair"] for j in trace["stages"][0]["judgements"]][:2] == [[0, 1], [2, 3]]
+
+
+def test_speculative_knockout_decides_as_the_bracket_from_every_pair_judged_at_once(
+    chat: ChatModel, image: Image.Image
+) -> None:
+    """Greedy judges give each pair the verdict it gets in the bracket, so judging every pair in one
+    batch keeps the bracket's winners; the trace keeps its N-1 judgements and counts the others."""
+    bracket = _search(chat, beams=4, knockout="bracket", max_judge_tokens=8).run(QUESTION, [image])
+    ahead = _search(chat, beams=4, knockout="speculative", max_judge_tokens=8).run(QUESTION, [image])
+    assert ahead.answer == bracket.answer
+    for fast, slow in zip(ahead.trace["stages"], bracket.trace["stages"]):
+        assert fast["winner"] == slow["winner"]
+        assert [j["pair"] for j in fast["judgements"]] == [j["pair"] for j in slow["judgements"]]
+        assert [j["answer"] for j in fast["judgements"]] == [j["answer"] for j in slow["judgements"]]
+    assert ahead.trace["judgements"] == bracket.trace["judgements"] == 4 * 3
+    assert ahead.trace["speculative_judgements"] == 4 * (6 - 3)
+    assert bracket.trace["speculative_judgements"] == 0

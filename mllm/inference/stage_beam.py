@@ -42,13 +42,16 @@ __all__ = [
     "SearchResult",
     "Stage",
     "StageBeamSearch",
+    "judge_prompt",
     "parse_verdict",
     "stage_text",
 ]
 
 METHODS = ("stage", "best_of_n", "sentence")
 SELECTIONS = ("judge", "logprob")
-KNOCKOUTS = ("sequential", "bracket")  # the winner meets the next / rounds of pairs judged as one batch
+KNOCKOUTS = ("sequential", "bracket", "speculative")
+"""The winner meets the next / rounds of pairs, each round judged as one batch / the bracket's
+decisions from every pair judged at once (one batched judge decode per stage)."""
 Scorer = Callable[[str, str, dict[str, Any]], float]
 """``(stage name, candidate text, context) -> score``; the highest score wins. ``context`` holds
 ``question`` and ``answer_so_far``."""
@@ -180,7 +183,10 @@ class StageBeamSearch:
     decode greedily, at most ``max_judge_tokens``. ``knockout="sequential"`` lets the winner of
     each judgement meet the next candidate; ``"bracket"`` judges rounds of pairs ((0, 1), (2, 3),
     then their winners), each round's judges decoded as one batch: the same N-1 judgements (LLaVA-CoT's
-    reference pairs candidates at random), fewer sequential decodes.
+    reference pairs candidates at random), fewer sequential decodes. ``"speculative"`` makes the
+    bracket's decisions from every pair judged in one batch (N(N-1)/2 judge prompts, a single judge
+    decode per stage): the judges are greedy, so each pair's verdict is the one the bracket would get,
+    and the trace keeps the N-1 it used (``speculative_judgements`` counts the others).
     """
 
     def __init__(
@@ -242,6 +248,7 @@ class StageBeamSearch:
         self.vision_calls = 0
         self.beams_judged = 0  # judgements of the last run
         self.judge_fallbacks = 0  # of which the verdict fell back to log-probability
+        self.speculative_judged = 0  # judgements computed ahead (knockout="speculative") and not used
         self._images: list[Any] = []  # the question's images (the judge prompts show them too)
         self._n_images = 0
 
@@ -384,13 +391,7 @@ class StageBeamSearch:
     def _judge_prompt(
         self, instruction: str, recall: str, question: str, hint: str, texts: Sequence[str]
     ) -> str:
-        # LLaVA-CoT's judge(): instruction, question, hint, the two responses, reminder, output format
-        prompt = f"{instruction}\n\nQuestion: {question}"
-        if hint:
-            prompt += f"\n\nHint about the Question: {hint}"
-        for i, text in enumerate(texts):
-            prompt += f"\nResponse {i + 1}: {text}"
-        return prompt + f"\n\n{recall}" + _FORMAT
+        return judge_prompt(instruction, recall, question, hint, texts)
 
     def _judge(self, prompt_text: str, features: Any, known: list[_State]) -> tuple[int | None, str]:
         """The judge's greedy answer to ``prompt_text`` (image + judge text) and its verdict."""
@@ -488,6 +489,10 @@ class StageBeamSearch:
         if self.selection == "logprob":
             return max(range(len(candidates)), key=lambda i: candidates[i].mean_logprob)
         judgements = record.setdefault("judgements", [])
+        if self.knockout == "speculative":
+            return self._speculative_bracket(
+                texts, candidates, instruction, recall, hint, context, features, known, judgements
+            )
         if self.knockout == "bracket":
             return self._bracket(
                 texts, candidates, instruction, recall, hint, context, features, known, judgements
@@ -545,6 +550,30 @@ class StageBeamSearch:
             alive = winners + ([alive[-1]] if len(alive) % 2 else [])
         return alive[0]
 
+    def _speculative_bracket(
+        self, texts, candidates, instruction, recall, hint, context, features, known, judgements
+    ) -> int:
+        """The bracket's knock-out, its verdicts taken from every pair (i < j) judged as one batch."""
+        n = len(candidates)
+        pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+        prompts = [
+            self._judge_text(
+                self._judge_prompt(instruction, recall, context["question"], hint, [texts[i] for i in pair])
+            )
+            for pair in pairs
+        ]
+        answers = dict(zip(pairs, self._judge_many(prompts, features, known)))
+        alive = list(range(n))
+        used = 0
+        while len(alive) > 1:
+            round_pairs = [(alive[i], alive[i + 1]) for i in range(0, len(alive) - 1, 2)]
+            winners = [self._verdict(pair, *answers[pair], candidates, judgements) for pair in round_pairs]
+            used += len(round_pairs)
+            alive = winners + ([alive[-1]] if len(alive) % 2 else [])
+        self.beams_judged -= len(pairs) - used  # _judge_many counted every prompt
+        self.speculative_judged += len(pairs) - used
+        return alive[0]
+
     # -- prompts --------------------------------------------------------------------------------
     def _judge_text(self, judge_prompt: str) -> str:
         from mllm.data.formats import Turn
@@ -576,6 +605,7 @@ class StageBeamSearch:
         prompt_text, loaded = self.chat.prompt(conversation, images)
         self._images, self._n_images = loaded, len(loaded)
         self.tokens_computed, self.vision_calls, self.judge_fallbacks, self.beams_judged = 0, 0, 0, 0
+        self.speculative_judged = 0
         stage_limit = max_new_tokens or self.max_stage_tokens
         question = _question_of(conversation, self.processor.image_token)
         batch = self.processor(text=[prompt_text], images=[loaded] if loaded else None)
@@ -610,6 +640,7 @@ class StageBeamSearch:
             "answer": answer,
             "judgements": self.beams_judged,
             "judge_fallbacks": self.judge_fallbacks,
+            "speculative_judgements": self.speculative_judged,
             "vision_calls": self.vision_calls,
             "tokens_computed": self.tokens_computed,
             "warnings": warnings,
@@ -721,6 +752,17 @@ class StageBeamSearch:
         ends = [text.find(s) + len(s) for s in stops if s in text]
         end = min(ends) if ends else len(text)
         return text[:end], text[end:]
+
+
+def judge_prompt(instruction: str, recall: str, question: str, hint: str, texts: Sequence[str]) -> str:
+    """The pairwise judge's question (after the image), as LLaVA-CoT's ``judge()`` writes it: the
+    instruction, the question, the hint, the two responses, the reminder and the output format."""
+    prompt = f"{instruction}\n\nQuestion: {question}"
+    if hint:
+        prompt += f"\n\nHint about the Question: {hint}"
+    for i, text in enumerate(texts):
+        prompt += f"\nResponse {i + 1}: {text}"
+    return prompt + f"\n\n{recall}" + _FORMAT
 
 
 def stage_text(answer: str, stage: Stage | None = None) -> str:

@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--knockout",
-        choices=("sequential", "bracket"),
+        choices=("sequential", "bracket", "speculative"),
         default="bracket",
         help="mllm's knock-out order (the reference pairs at random); both make N-1 judgements per stage",
     )
