@@ -17,7 +17,7 @@ trained only through the LLM (randomly initialised), on the same data and budget
 6. exact match of both on the held-out test questions.
 
 The Q-Former is the connector's default shape (2 layers of the vision tower's width, a cross-attention
-every 2nd layer, 8 queries) in both arms, so only the initialisation differs.
+every 2nd layer, --queries queries, 8 by default) in both arms, so only the initialisation differs.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 BLIP2 = REPO / "recipes" / "blip2"
 TINY = REPO / "recipes" / "tiny"
-QUERIES = 8
+QUERIES = 8  # default --queries
 # the Q-Former connector's default shape (MllmConfig), which stage 1 trains here too
 SHAPE = [
     "qformer_num_layers=2",
@@ -40,12 +40,16 @@ SHAPE = [
     "qformer_hidden_size=null",
     "qformer_cross_attention_freq=2",
 ]
-ARCHITECTURE = [
-    "connector_type=qformer",
-    f"num_query_tokens={QUERIES}",
-    "vision_feature_layer=-2",
-    "vision_feature_select_strategy=full",
-]
+
+
+def architecture(queries: int) -> list[str]:
+    """The keys that fix the connector, the same in both arms."""
+    return [
+        "connector_type=qformer",
+        f"num_query_tokens={queries}",
+        "vision_feature_layer=-2",
+        "vision_feature_select_strategy=full",
+    ]
 
 
 def unique_caption_rows(records: list[dict]) -> list[dict]:
@@ -97,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--retrieval-only", action="store_true", help="stop after stage 1's retrieval figures"
     )
+    parser.add_argument(
+        "--queries", type=int, default=QUERIES, help="Q-Former queries (image tokens per image)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--clip-steps", type=int, default=600)
     parser.add_argument("--text-steps", type=int, default=150)
@@ -125,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
             *common,
             captions,
             *SHAPE,
-            f"num_query_tokens={QUERIES}",
+            f"num_query_tokens={args.queries}",
             f"output_dir={stage1}",
             f"num_train_epochs={args.stage1_epochs}",
             f"contrastive_loss={args.contrastive_loss}",
@@ -151,37 +158,32 @@ def main(argv: list[str] | None = None) -> int:
     if args.retrieval_only:
         return 0
 
-    print("[BLIP-2 2/3] stage 2: stage 1's Q-Former + a projection into the frozen LLM, on the captions")
-    t = time.perf_counter()
-    stage2 = work / "blip2-stage2"
-    _train(
-        BLIP2 / "stage2_generative.yaml",
-        [*common, captions, f"init_from={stage1}", f"output_dir={stage2}", "num_train_epochs=2"],
-    )
-    times["BLIP-2 stage 2 (generative)"] = time.perf_counter() - t
+    def stage(label: str, note: str, recipe: Path, out: Path, *more: str) -> Path:
+        print(note)
+        t = time.perf_counter()
+        _train(recipe, [*common, *more, f"output_dir={out}"])
+        times[label] = time.perf_counter() - t
+        return out
 
-    print("[BLIP-2 3/3] instruction tuning from stage 2 (connector + LoRA)")
-    t = time.perf_counter()
-    blip2 = work / "blip2-instruct"
-    _train(
-        TINY / "stage2_lora.yaml",
-        [*common, *ARCHITECTURE, instruct, f"init_from={stage2}", f"output_dir={blip2}"],
-    )
-    times["BLIP-2 instruction tuning"] = time.perf_counter() - t
-
-    print("[baseline 1/2] LLaVA stage 1 with a randomly initialised Q-Former (connector only)")
-    t = time.perf_counter()
-    base1 = work / "random-qformer-stage1"
-    _train(TINY / "stage1_align.yaml", [*common, *ARCHITECTURE, captions, f"output_dir={base1}"])
-    times["baseline stage 1 (random Q-Former)"] = time.perf_counter() - t
-    print("[baseline 2/2] the same instruction tuning")
-    t = time.perf_counter()
-    base2 = work / "random-qformer-instruct"
-    _train(
-        TINY / "stage2_lora.yaml",
-        [*common, *ARCHITECTURE, instruct, f"init_from={base1}", f"output_dir={base2}"],
-    )
-    times["baseline instruction tuning"] = time.perf_counter() - t
+    arch = architecture(args.queries)
+    stage2 = stage(
+        "BLIP-2 stage 2 (generative)",
+        "[BLIP-2 2/3] stage 2: stage 1's Q-Former + a projection into the frozen LLM, on the captions",
+        BLIP2 / "stage2_generative.yaml", work / "blip2-stage2", captions, f"init_from={stage1}", "num_train_epochs=2",
+    )  # fmt: skip
+    blip2 = stage(
+        "BLIP-2 instruction tuning", "[BLIP-2 3/3] instruction tuning from stage 2 (connector + LoRA)",
+        TINY / "stage2_lora.yaml", work / "blip2-instruct", *arch, instruct, f"init_from={stage2}",
+    )  # fmt: skip
+    base1 = stage(
+        "baseline stage 1 (random Q-Former)",
+        "[baseline 1/2] LLaVA stage 1 with a randomly initialised Q-Former (connector only)",
+        TINY / "stage1_align.yaml", work / "random-qformer-stage1", *arch, captions,
+    )  # fmt: skip
+    base2 = stage(
+        "baseline instruction tuning", "[baseline 2/2] the same instruction tuning",
+        TINY / "stage2_lora.yaml", work / "random-qformer-instruct", *arch, instruct, f"init_from={base1}",
+    )  # fmt: skip
 
     t = time.perf_counter()
     ours = _exact_match(blip2, data, work / "eval-blip2")
