@@ -134,15 +134,29 @@ def test_stage_level_search_keeps_its_trace_and_resumes_to_the_same_metrics(cot_
     assert [r["cot_answer"] for r in _rows(part)] == [r["cot_answer"] for r in rows]
 
 
-def test_beams_without_cot_and_unknown_search_are_refused(cot_run, tmp_path) -> None:
+def test_beams_without_cot_and_unknown_search_are_refused(cot_run, tmp_path, capsys) -> None:
+    from mllm.cli import main
+
     run, data = cot_run
     for flags, message in (
         (["--beams", "2"], "needs --cot"),
         (["--cot", "--beams", "2", "--search", "greedy"], "invalid choice"),
     ):
-        done = subprocess.run(
-            [sys.executable, "-m", "mllm", "eval", str(run), "--task", "vqa", "--data", str(data / "test.json"),
-             "--output", str(tmp_path / "x"), *flags],
-            capture_output=True, text=True, cwd=REPO, timeout=120,
-        )  # fmt: skip
-        assert done.returncode != 0 and message in done.stderr, done.stderr[-1000:]
+        try:  # the `mllm` entry point, in this process
+            status = main(
+                [
+                    "eval",
+                    str(run),
+                    "--task",
+                    "vqa",
+                    "--data",
+                    str(data / "test.json"),
+                    "--output",
+                    str(tmp_path / "x"),
+                    *flags,
+                ]
+            )
+        except SystemExit as stop:  # argparse's refusal
+            status = stop.code
+        err = capsys.readouterr().err
+        assert status != 0 and message in err, err[-1000:]

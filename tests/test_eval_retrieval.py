@@ -24,6 +24,19 @@ def _mllm(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+def _mllm_here(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    """`mllm ARGS` through the same entry point in this process (exit status, stdout, stderr)."""
+    from mllm.cli import main
+
+    try:
+        status = main(list(args))
+        message = ""
+    except SystemExit as stop:  # argparse errors and refusals end the process this way
+        status, message = (stop.code, "") if isinstance(stop.code, int) else (1, str(stop.code))
+    out, err = capsys.readouterr()
+    return status, out, err + message
+
+
 def _caption_rows(data: Path, n: int) -> Path:
     """``n`` images of the synthetic set, each with its caption and a second, distinct one."""
     records = json.loads((data / "stage1_train.json").read_text(encoding="utf-8"))[:n]
@@ -161,26 +174,26 @@ def test_batched_encoding_gives_the_same_similarities(stage1_run: Path, synth_sm
 
 
 def test_a_missing_image_is_skipped_and_counted_or_stops_with_strict(
-    stage1_run: Path, synth_small: Path, tmp_path
+    stage1_run: Path, synth_small: Path, tmp_path, capsys
 ) -> None:
     rows = json.loads(_caption_rows(synth_small, 6).read_text())
     rows[2]["image"] = "images/not-there.png"
     data = tmp_path / "rows.json"
     data.write_text(json.dumps(rows))
-    done = _mllm(
-        "eval", str(stage1_run), "--task", "retrieval", "--data", str(data), "--output", str(tmp_path / "e"),
+    status, out, err = _mllm_here(
+        capsys, "eval", str(stage1_run), "--task", "retrieval", "--data", str(data), "--output", str(tmp_path / "e"),
         "--image-folder", str(synth_small), "--json",
     )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    metrics = json.loads(done.stdout)
+    assert status == 0, err
+    metrics = json.loads(out)
     assert metrics["num_images"] == 5 and metrics["num_skipped"] == 1
     assert metrics["skipped"] == {"missing_image": 1}
-    strict = _mllm(
-        "eval", str(stage1_run), "--task", "retrieval", "--data", str(data), "--output", str(tmp_path / "s"),
+    status, _, err = _mllm_here(
+        capsys, "eval", str(stage1_run), "--task", "retrieval", "--data", str(data), "--output", str(tmp_path / "s"),
         "--image-folder", str(synth_small), "--strict",
     )  # fmt: skip
-    assert strict.returncode != 0
-    assert "not-there.png" in strict.stderr
+    assert status != 0
+    assert "not-there.png" in err
 
 
 @pytest.fixture(scope="module")
@@ -212,7 +225,7 @@ def tiny_clip(tiny_components, tmp_path_factory) -> Path:
 
 
 def test_a_clip_dual_encoder_is_scored_by_its_own_cosine_similarity(
-    tiny_clip: Path, synth_small: Path, tmp_path
+    tiny_clip: Path, synth_small: Path, tmp_path, capsys
 ) -> None:
     from PIL import Image
     from transformers import AutoImageProcessor, AutoTokenizer, CLIPModel
@@ -240,12 +253,14 @@ def test_a_clip_dual_encoder_is_scored_by_its_own_cosine_similarity(
     for key, value in expected.items():
         assert metrics[key] == pytest.approx(value, abs=1e-6), key
     # ITM re-ranking needs the Q-Former's head: refused for a dual encoder, naming why
-    rerank = _mllm("eval", str(tiny_clip), "--task", "retrieval", "--data", str(data), "--rerank", "3")
-    assert rerank.returncode != 0 and "ITM" in rerank.stderr
+    status, _, err = _mllm_here(
+        capsys, "eval", str(tiny_clip), "--task", "retrieval", "--data", str(data), "--rerank", "3"
+    )
+    assert status != 0 and "ITM" in err
 
 
 def test_models_without_a_retrieval_head_and_misplaced_flags_are_refused(
-    tiny_components, synth_small: Path, tmp_path
+    tiny_components, synth_small: Path, tmp_path, capsys
 ) -> None:
     data = _caption_rows(synth_small, 4)
     vision_only = _mllm(
@@ -255,11 +270,13 @@ def test_models_without_a_retrieval_head_and_misplaced_flags_are_refused(
     run_dir = tmp_path / "llava-run"
     run_dir.mkdir()
     (run_dir / "mllm_run.json").write_text("{}")
-    generative = _mllm("eval", str(run_dir), "--task", "retrieval", "--data", str(data))
-    assert generative.returncode != 0 and "has no retrieval head" in generative.stderr
-    vqa_rerank = _mllm("eval", str(tmp_path), "--task", "vqa", "--data", str(data), "--rerank", "5")
-    assert vqa_rerank.returncode != 0 and "--rerank is for --task retrieval" in vqa_rerank.stderr
-    template = _mllm(
-        "eval", str(tiny_components["clip-vision"]), "--task", "retrieval", "--data", str(data), "--template", "plain"
+    status, _, err = _mllm_here(capsys, "eval", str(run_dir), "--task", "retrieval", "--data", str(data))
+    assert status != 0 and "has no retrieval head" in err
+    status, _, err = _mllm_here(
+        capsys, "eval", str(tmp_path), "--task", "vqa", "--data", str(data), "--rerank", "5"
+    )
+    assert status != 0 and "--rerank is for --task retrieval" in err
+    status, _, err = _mllm_here(
+        capsys, "eval", str(tiny_components["clip-vision"]), "--task", "retrieval", "--data", str(data), "--template", "plain"
     )  # fmt: skip
-    assert template.returncode != 0 and "--template" in template.stderr
+    assert status != 0 and "--template" in err
