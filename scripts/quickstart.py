@@ -4,8 +4,9 @@
 
 synthetic shapes data -> tiny components (the vision tower pre-trained with a CLIP loss on the
 training captions and a region-phrase loss on each object's patch) -> the tiny LLM learns the corpus
-text (the image placeholders removed) -> stage 1 (connector only, LLM frozen) -> stage 2 (connector +
-LoRA) -> exact-match accuracy on the held-out test split, the same model with blank images (proof
+text (the image placeholders removed) -> the frozen tower's features of the training images, cached
+once (``vision_feature_cache``) -> stage 1 (connector only, LLM frozen) -> stage 2 (connector +
+LoRA), both reading the cache -> exact-match accuracy on the held-out test split, the same model with blank images (proof
 that the image flows through the connector), and one example.
 Each step is one call; the recipes in recipes/tiny/ hold the hyper-parameters.
 
@@ -142,15 +143,22 @@ def main(argv: list[str] | None = None) -> int:
     tiny, rows = prepare_world(work, args.num_scenes, args.seed, args.clip_steps, args.text_steps)
 
     paths = [f"vision_tower={tiny['clip-vision']}", f"model_name_or_path={tiny['llama']}"]
-    data = [f"image_folder={work / 'data'}"]
+    # the tower is frozen in both stages: its features are computed once, and neither stage runs it
+    data = [f"image_folder={work / 'data'}", f"vision_feature_cache={work / 'tiny-features'}"]
     stage1_dir, stage2_dir = work / "tiny-stage1", work / "tiny-stage2-lora"
+    stage1 = [*paths, *data, f"data_path={work / 'data' / 'stage1_train.json'}", f"output_dir={stage1_dir}"]
 
     print("[4/6] stage 1: align the connector on captions (vision and LLM frozen)")
     t = time.perf_counter()
-    s1 = _train_stage(
-        RECIPES / "stage1_align.yaml",
-        [*paths, *data, f"data_path={work / 'data' / 'stage1_train.json'}", f"output_dir={stage1_dir}"],
+    from mllm.config import build_run_config
+    from mllm.training.cache_features import cache_features
+
+    cache = cache_features(
+        build_run_config(RECIPES / "stage1_align.yaml", stage1), log=lambda m: print(f"      {m}")
     )
+    rows.append(Row(f"feature cache ({len(cache)} images)", 0, time.perf_counter() - t))
+    t = time.perf_counter()
+    s1 = _train_stage(RECIPES / "stage1_align.yaml", stage1)
     rows.append(Row("stage 1 (connector)", s1.global_step, time.perf_counter() - t, s1.train_loss))
 
     print("[5/6] stage 2: visual instruction tuning (connector + LoRA on the LLM)")
