@@ -179,10 +179,10 @@ def test_question_type_prior_takes_the_majority_answer_of_each_type() -> None:
 
 
 def test_unknown_task_lists_supported(saved_model: Path, vqa_dir: Path) -> None:
-    with pytest.raises(ValueError, match=r"caption, mcq, vqa, yesno"):
-        evaluate(str(saved_model), "retrieval", str(vqa_dir / "vqa_val.jsonl"))
+    with pytest.raises(ValueError, match=r"caption, mcq, vqa, yesno, retrieval"):
+        evaluate(str(saved_model), "ocr", str(vqa_dir / "vqa_val.jsonl"))
     with pytest.raises(SystemExit):
-        main([str(saved_model), "--task", "retrieval", "--data", "x.jsonl"])
+        main([str(saved_model), "--task", "ocr", "--data", "x.jsonl"])
 
 
 def test_cli_main(saved_model: Path, vqa_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

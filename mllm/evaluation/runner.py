@@ -112,7 +112,8 @@ def _options(
     """Check the task options before anything loads."""
     from mllm.inference.stage_beam import METHODS
 
-    TASKS.get(task)  # fails listing the supported tasks
+    if task not in TASKS:
+        raise ValueError(f"unknown task `{task}`; supported tasks: {', '.join(task_names())}.")
     if beams < 1:
         raise ValueError(f"beams must be >= 1, got {beams}.")
     if beams > 1 and not cot:
