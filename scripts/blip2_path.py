@@ -17,7 +17,7 @@ trained only through the LLM (randomly initialised), on the same data and budget
 6. exact match of both on the held-out test questions.
 
 The Q-Former is the connector's default shape (2 layers of the vision tower's width, a cross-attention
-every 2nd layer, --queries queries, 8 by default) in both arms, so only the initialisation differs.
+every 2nd layer, --queries queries, 32 by default) in both arms, so only the initialisation differs.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 BLIP2 = REPO / "recipes" / "blip2"
 TINY = REPO / "recipes" / "tiny"
-QUERIES = 8  # default --queries
+QUERIES = 32  # default --queries (BLIP-2: 32)
 # the Q-Former connector's default shape (MllmConfig), which stage 1 trains here too
 SHAPE = [
     "qformer_num_layers=2",
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         "--num-scenes", type=int, default=3000, help="synthetic scenes (10%% become the test split)"
     )
     parser.add_argument(
-        "--stage1-epochs", type=float, default=6, help="epochs of BLIP-2 stage 1 on the captions"
+        "--stage1-epochs", type=float, default=12, help="epochs of BLIP-2 stage 1 on the captions"
     )
     parser.add_argument("--contrastive-loss", choices=["infonce", "sigmoid"], default="infonce")
     parser.add_argument("--rerank", type=int, default=0, help="also re-rank the ITC top-K by ITM (0 = off)")
