@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["recall_at_k", "rerank_top_k", "retrieval_metrics"]
+__all__ = ["recall_at_k", "rerank_top_k", "retrieval_metrics", "text_to_image_ranks"]
 
 DEFAULT_KS = (1, 5, 10)
 
@@ -32,6 +32,17 @@ def _check(similarity: torch.Tensor, text_to_image: Sequence[int]) -> torch.Tens
     return owners
 
 
+def text_to_image_ranks(similarity: torch.Tensor, text_to_image: Sequence[int]) -> torch.Tensor:
+    """The rank of each text's own image among all images ([N_texts], 0 = first).
+
+    Ties count against the truth (an image scoring the same as the true one ranks above it), so a
+    constant similarity scores chance, not 100%, and -inf (not re-ranked) pairs never hit."""
+    owners = _check(similarity, text_to_image)
+    sim = similarity.float().cpu()
+    true_img = sim[owners, torch.arange(sim.shape[1])]  # [N_texts]
+    return (sim >= true_img[None, :]).sum(dim=0) - 1  # other images scoring at least the true one
+
+
 def recall_at_k(
     similarity: torch.Tensor,  # [N_images, N_texts]
     text_to_image: Sequence[int],  # image index of each text
@@ -41,11 +52,7 @@ def recall_at_k(
     owners = _check(similarity, text_to_image)
     sim = similarity.float().cpu()
     n_img, n_txt = sim.shape
-    # Ranks count ties against the truth (a score equal to the true one ranks above it), so a
-    # constant similarity scores chance, not 100%, and -inf (not re-ranked) pairs never hit.
-    # text -> image: how many other images score at least the true image's score, per text
-    true_img = sim[owners, torch.arange(n_txt)]  # [N_texts]
-    t2i_rank = (sim >= true_img[None, :]).sum(dim=0) - 1  # [N_texts], 0 = first
+    t2i_rank = text_to_image_ranks(sim, owners)  # [N_texts], 0 = first
     # image -> text: rank of the image's best own caption among the other images' captions
     is_own = owners[None, :] == torch.arange(n_img)[:, None]  # [N_images, N_texts]
     has_caption = is_own.any(dim=1)

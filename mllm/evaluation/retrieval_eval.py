@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from mllm.evaluation.retrieval import DEFAULT_KS, retrieval_metrics
+from mllm.evaluation.retrieval import DEFAULT_KS, retrieval_metrics, text_to_image_ranks
 
 __all__ = ["RETRIEVAL_TASK", "DualEncoderScorer", "QFormerScorer", "evaluate_retrieval", "load_scorer"]
 
@@ -54,13 +54,11 @@ class QFormerScorer:
     def __init__(self, path: str | os.PathLike[str], device: str | None = None) -> None:
         from transformers import AutoImageProcessor, AutoTokenizer
 
-        from mllm.training.qformer_stage import PairCollator, load_stage1
+        from mllm.training.qformer_stage import load_stage1
 
         self.model = load_stage1(path).eval().to(device or "cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         self.image_processor = AutoImageProcessor.from_pretrained(path)
-        cfg = self.model.config
-        self.collate = PairCollator(cfg.qformer_config.pad_token_id, cfg.max_text_length)
         self.device = next(self.model.parameters()).device
 
     @torch.no_grad()
@@ -70,21 +68,16 @@ class QFormerScorer:
 
     @torch.no_grad()
     def encode_texts(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """The captions as stage 1 trained on them: [CLS] + tokens, padded to ``max_text_length``."""
+        from mllm.training.qformer_stage import caption_input_ids, pad_captions
+
         cfg = self.model.config
-        rows = [
-            {
-                "pixel_values": torch.zeros(1),
-                "input_ids": [cfg.cls_token_id, *self.tokenizer(c, add_special_tokens=False)["input_ids"]][
-                    : cfg.max_text_length
-                ],
-            }
-            for c in captions
-        ]
-        batch = self.collate(rows)
-        return {
-            "input_ids": batch["input_ids"].to(self.device),
-            "attention_mask": batch["attention_mask"].to(self.device),
-        }
+        ids, mask = pad_captions(
+            [caption_input_ids(self.tokenizer, c, cfg.cls_token_id, cfg.max_text_length) for c in captions],
+            cfg.qformer_config.pad_token_id,
+            cfg.max_text_length,
+        )
+        return {"input_ids": ids.to(self.device), "attention_mask": mask.to(self.device)}
 
     @torch.no_grad()
     def similarity(self, encoded: Encoded, batch_size: int) -> torch.Tensor:
@@ -153,9 +146,6 @@ class DualEncoderScorer:
     def similarity(self, encoded: Encoded, batch_size: int) -> torch.Tensor:
         return (encoded.images @ encoded.texts.T).cpu()
 
-    def itm(self, encoded: Encoded, batch_size: int) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-        raise ValueError("ITM re-ranking needs a BLIP-2 stage-1 model; a dual encoder has no ITM head.")
-
 
 def load_scorer(path: str | os.PathLike[str], device: str | None = None) -> QFormerScorer | DualEncoderScorer:
     """The scorer ``path`` holds: a BLIP-2 stage-1 run dir, else a CLIP / SigLIP dual encoder."""
@@ -214,7 +204,7 @@ def evaluate_retrieval(
     samples = load_caption_samples(data, image_folder, limit)
     scorer = load_scorer(model_path, device)
     if rerank and not isinstance(scorer, QFormerScorer):
-        scorer.itm(Encoded(None, None), batch_size)  # raises: a dual encoder has no ITM head
+        raise ValueError("ITM re-ranking needs a BLIP-2 stage-1 model; a dual encoder has no ITM head.")
     output = Path(output) if output is not None else Path(model_path) / "eval" / RETRIEVAL_TASK
 
     kept, images, skipped = [], [], []
@@ -250,18 +240,19 @@ def evaluate_retrieval(
         )
         metrics.update({f"itm_{k}": v for k, v in reranked.items()})
     n_img, n_txt = sim.shape
-    captions_per_image = n_txt / n_img
+    own_captions = Counter(owners)  # captions of each kept image
     for k in ks:
         # a random ranking: P(the true image in the top K) and P(any of an image's captions in the top K)
         metrics[f"chance_t2i_r@{k}"] = 100.0 * min(k, n_img) / n_img
-        metrics[f"chance_i2t_r@{k}"] = 100.0 * _chance_any(n_txt, round(captions_per_image), k)
+        metrics[f"chance_i2t_r@{k}"] = (
+            100.0 * sum(_chance_any(n_txt, c, k) for c in own_captions.values()) / n_img
+        )
     metrics.update(
         scorer=scorer.kind, num_images=n_img, num_captions=n_txt, rerank_k=rerank, num_skipped=len(skipped)
     )
     if skipped:
         metrics.update(skipped=dict(Counter(s["reason"] for s in skipped)), skipped_images=skipped)
-    true_score = sim[torch.as_tensor(owners), torch.arange(n_txt)]
-    t2i_rank = (sim > true_score[None, :]).sum(dim=0)  # images scored above the true one
+    t2i_rank = text_to_image_ranks(sim, owners)  # as Recall@K counts it (ties against the truth)
     top = sim.topk(min(5, n_img), dim=0).indices.T  # [N_texts, 5]
     rows = [
         {

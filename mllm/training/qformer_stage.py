@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,8 @@ __all__ = [
     "PairCollator",
     "QFormerTrainer",
     "build_stage1_model",
+    "caption_input_ids",
+    "pad_captions",
     "stage1_tokenizer_source",
     "is_stage1_dir",
     "load_stage1",
@@ -74,6 +77,26 @@ def text_token_ids(tokenizer: PreTrainedTokenizerBase) -> dict[str, int]:
     dec_id, size = size, size + 1
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else cls_id
     return {"vocab_size": size, "cls_token_id": cls_id, "dec_token_id": dec_id, "pad_token_id": pad_id}
+
+
+def caption_input_ids(
+    tokenizer: PreTrainedTokenizerBase, caption: str, cls_token_id: int, max_text_length: int
+) -> list[int]:
+    """A caption as the Q-Former's text input: [CLS] + its tokens, at most ``max_text_length`` in all."""
+    ids = tokenizer(caption, add_special_tokens=False)["input_ids"]
+    return [cls_token_id, *ids[: max_text_length - 1]]
+
+
+def pad_captions(
+    captions: Sequence[Sequence[int]], pad_token_id: int, max_length: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token id lists padded to ``max_length``: ``input_ids`` and ``attention_mask``, both [B, max_length]."""
+    ids = torch.full((len(captions), max_length), pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(captions), max_length), dtype=torch.long)
+    for i, caption in enumerate(captions):
+        ids[i, : len(caption)] = torch.tensor(caption, dtype=torch.long)
+        mask[i, : len(caption)] = 1
+    return ids, mask
 
 
 class CaptionPairs(torch.utils.data.Dataset):
@@ -107,8 +130,7 @@ class CaptionPairs(torch.utils.data.Dataset):
         return len(self.pairs)
 
     def caption_ids(self, caption: str) -> list[int]:
-        ids = self.tokenizer(caption, add_special_tokens=False)["input_ids"]
-        return [self.cls_token_id, *ids[: self.max_text_length - 1]]
+        return caption_input_ids(self.tokenizer, caption, self.cls_token_id, self.max_text_length)
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         image, caption, record_id, source = self.pairs[i]
@@ -126,12 +148,7 @@ class PairCollator:
     max_length: int
 
     def __call__(self, rows: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-        ids = torch.full((len(rows), self.max_length), self.pad_token_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), self.max_length), dtype=torch.long)
-        for i, row in enumerate(rows):
-            n = len(row["input_ids"])
-            ids[i, :n] = torch.tensor(row["input_ids"])
-            mask[i, :n] = 1
+        ids, mask = pad_captions([row["input_ids"] for row in rows], self.pad_token_id, self.max_length)
         return {
             "pixel_values": torch.stack([r["pixel_values"] for r in rows]),
             "input_ids": ids,  # [B, T]
