@@ -25,12 +25,12 @@ TASK_METRICS = {
     "mcq": ("accuracy", "num_unmatched"),
     "yesno": ("accuracy", "precision", "recall", "f1", "yes_ratio", "num_neither"),
 }
-COT_RUNS = (  # (label, flags)
-    ("no search (greedy)", {}),
-    ("stage-level, N=2", {"beams": 2, "search": "stage"}),
-    ("stage-level, N=4", {"beams": 4, "search": "stage"}),
-    ("best-of-N, N=4", {"beams": 4, "search": "best_of_n"}),
-    ("sentence-level, N=2", {"beams": 2, "search": "sentence"}),
+COT_RUNS = (  # (label, output folder under WORKDIR/eval, flags)
+    ("no search (greedy)", "cot-greedy", {}),
+    ("stage-level, N=2", "cot-stage-2", {"beams": 2, "search": "stage"}),
+    ("stage-level, N=4", "cot-stage-4", {"beams": 4, "search": "stage"}),
+    ("best-of-N, N=4", "cot-best_of_n-4", {"beams": 4, "search": "best_of_n"}),
+    ("sentence-level, N=2", "cot-sentence-2", {"beams": 2, "search": "sentence"}),
 )
 
 
@@ -88,13 +88,14 @@ def main(argv: list[str] | None = None) -> int:
         f"| search ({args.cot_questions} questions of cot_test.json) | flags | exact match | judgements | s/question |",
         "|---|---|---|---|---|",
     ]
-    for label, kw in COT_RUNS:
+    for label, folder, kw in COT_RUNS:
+        output = work / "eval" / folder
         start = time.perf_counter()
         metrics = evaluate(
             str(cot),
             "vqa",
             str(data / "cot_test.json"),
-            output=str(work / "eval" / f"cot-{label.split(',')[0].split(' ')[0]}-{kw.get('beams', 1)}"),
+            output=str(output),
             limit=args.cot_questions,
             batch_size=16,
             cot=True,
@@ -103,9 +104,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         seconds = (time.perf_counter() - start) / max(1, metrics["num_samples"])
         flags = "--cot" + "".join(f" --{k} {v}" for k, v in kw.items())
-        judged = _judgements(work / "eval" / f"cot-{label.split(',')[0].split(' ')[0]}-{kw.get('beams', 1)}")
         lines.append(
-            f"| {label} | `{flags}` | {100 * metrics['exact_match']:.1f}% | {judged} | {seconds:.2f} |"
+            f"| {label} | `{flags}` | {100 * metrics['exact_match']:.1f}% | {_judgements(output)} | {seconds:.2f} |"
         )
     print("\n".join(lines))
     return 0

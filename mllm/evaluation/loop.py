@@ -269,10 +269,7 @@ def run_task(
             flush=True,
         )
     # the partial file restarts from what is kept, so a stale row (other prompt) never comes back
-    save_jsonl(
-        [{"id": i, "prompt": by_id[i], "prediction": p, "cot_trace": traces.get(i)} for i, p in done.items()],
-        partial,
-    )
+    save_jsonl([_partial_row(i, by_id[i], p, traces.get(i)) for i, p in done.items()], partial)
 
     stop_ids = end_of_turn_token_ids(processor.tokenizer, template)  # answers end where training ended them
     searcher = _searcher(model, processor, template, options, max_new_tokens) if options.cot else None
@@ -321,8 +318,7 @@ def run_task(
             for i, answer, trace in zip(batch, answers, batch_traces):
                 done[ids[i]] = answer
                 traces[ids[i]] = trace
-                row = {"id": ids[i], "prompt": prompts[i], "prediction": answer, "cot_trace": trace}
-                sink.write(json.dumps(row) + "\n")
+                sink.write(json.dumps(_partial_row(ids[i], prompts[i], answer, trace)) + "\n")
             sink.flush()
             bar.update(len(batch))
 
@@ -366,6 +362,14 @@ def run_task(
     save_json(metrics, output / "metrics.json")
     partial.unlink(missing_ok=True)
     return metrics
+
+
+def _partial_row(sample_id: str, prompt: str, prediction: str, trace: Any) -> dict[str, Any]:
+    """A row of the partial predictions file; a searched answer keeps its trace."""
+    row = {"id": sample_id, "prompt": prompt, "prediction": prediction}
+    if trace is not None:
+        row["cot_trace"] = trace
+    return row
 
 
 def _conclusion_references(sample: Any) -> Any:
