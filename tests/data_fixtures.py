@@ -63,3 +63,28 @@ def save_tiny_lora_run(
         config=config,
     )
     return save_run_dir(model, out, processor=processor, record=record)
+
+
+def train_tiny_full_run(components: dict[str, Path], data_path: Path, out: Path, max_steps: int) -> Path:
+    """`mllm train key=value ...` (no recipe) on ``data_path``: the tiny clip + llama components, the
+    LLM fully tuned at a constant 2e-3 for ``max_steps`` steps of 8, saved in ``out``."""
+    from mllm.config import build_run_config
+    from mllm.training.stages import train
+
+    overrides = [
+        f"vision_tower={components['clip-vision']}",
+        f"model_name_or_path={components['llama']}",
+        f"data_path={data_path}",
+        f"output_dir={out}",
+        "tune_llm=full",
+        f"max_steps={max_steps}",
+        "per_device_train_batch_size=8",
+        "learning_rate=2e-3",
+        "lr_scheduler_type=constant",
+        "save_steps=1000",
+        "use_cpu=true",
+        "disable_tqdm=true",
+        "report_to=none",
+    ]
+    train(build_run_config(None, overrides))
+    return out

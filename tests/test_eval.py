@@ -19,7 +19,7 @@ from mllm.evaluation.runner import (
     question_type_prior,
 )
 from mllm.models import MllmProcessor
-from tests.data_fixtures import save_tiny_lora_run
+from tests.data_fixtures import save_tiny_lora_run, train_tiny_full_run
 
 
 @pytest.fixture(scope="module")
@@ -392,32 +392,14 @@ def test_eval_of_a_model_trained_on_llava_records_scores_what_its_answers_deserv
     import subprocess
     import sys
 
-    from mllm.config import build_run_config
     from mllm.data.formats import load_records
     from mllm.data.templates import render
-    from mllm.training.stages import train
 
     data = tmp_path / "data"
     (data / "images").mkdir(parents=True)
     (data / "train.json").write_text(json.dumps(_colour_records(data, 64, seed=0)))
     (data / "test.json").write_text(json.dumps(_colour_records(data, 24, seed=1)))
-    run = tmp_path / "run"
-    overrides = [
-        f"vision_tower={tiny_components['clip-vision']}",
-        f"model_name_or_path={tiny_components['llama']}",
-        f"data_path={data / 'train.json'}",
-        f"output_dir={run}",
-        "tune_llm=full",
-        "max_steps=60",
-        "per_device_train_batch_size=8",
-        "learning_rate=2e-3",
-        "lr_scheduler_type=constant",
-        "save_steps=1000",
-        "use_cpu=true",
-        "disable_tqdm=true",
-        "report_to=none",
-    ]
-    train(build_run_config(None, overrides))  # what `mllm train key=value ...` runs
+    run = train_tiny_full_run(tiny_components, data / "train.json", tmp_path / "run", max_steps=60)
 
     out = tmp_path / "eval"
     command = [

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from tests.data_fixtures import train_tiny_full_run
+
 COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220)}
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,35 +49,12 @@ def _records(folder: Path, n: int, seed: int) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def cot_run(tiny_components: dict[str, Path], tmp_path_factory) -> tuple[Path, Path]:
-    from mllm.config import build_run_config
-    from mllm.training.stages import train
-
     root = tmp_path_factory.mktemp("cot-eval")
     data = root / "data"
     (data / "images").mkdir(parents=True)
     (data / "train.json").write_text(json.dumps(_records(data, 48, seed=0)))
     (data / "test.json").write_text(json.dumps(_records(data, 6, seed=1)))
-    run = root / "run"
-    train(
-        build_run_config(
-            None,
-            [
-                f"vision_tower={tiny_components['clip-vision']}",
-                f"model_name_or_path={tiny_components['llama']}",
-                f"data_path={data / 'train.json'}",
-                f"output_dir={run}",
-                "tune_llm=full",
-                "max_steps=80",
-                "per_device_train_batch_size=8",
-                "learning_rate=2e-3",
-                "lr_scheduler_type=constant",
-                "save_steps=1000",
-                "use_cpu=true",
-                "disable_tqdm=true",
-                "report_to=none",
-            ],
-        )
-    )
+    run = train_tiny_full_run(tiny_components, data / "train.json", root / "run", max_steps=80)
     return run, data
 
 
