@@ -60,6 +60,9 @@ def test_cached_candidates_have_the_logits_of_a_full_recompute(
             torch.testing.assert_close(cached, fresh[list(positions)].float(), atol=1e-4, rtol=1e-4)
             checked += 1
     assert checked == 4 * 3  # four stages, three candidates each
+    if stages is DEFAULT_STAGES:  # long enough candidates to draft: drafts kept and cut short
+        proposed, kept = result.trace["draft_tokens"].values()
+        assert proposed > kept > 0  # the rejected positions are masked, then dropped from the cache
     if stages is SHORT_TAGS:
         lengths = {len(c["ids"]) for s in result.trace["stages"] for c in s["candidates"]}
         assert len(lengths) > 1, "all candidates had the same length: the crop was not exercised"
@@ -88,7 +91,9 @@ def test_a_tag_split_over_tokens_stops_the_candidate(chat: ChatModel, image: Ima
     script = tokenizer.encode("ok </SUMMARY> and more text after", add_special_tokens=False)
     tag_ids = tokenizer.encode("</SUMMARY>", add_special_tokens=False)
     assert len(tag_ids) > 2, "the tag must take several tokens for this test to mean anything"
-    search = _search(chat, beams=2, stages=DEFAULT_STAGES[:1], selection="logprob", max_stage_tokens=30)
+    search = _search(  # drafts off: the scripted sampler stands in for every token
+        chat, beams=2, stages=DEFAULT_STAGES[:1], selection="logprob", max_stage_tokens=30, drafts=False
+    )
     steps = iter(script)
     search._sample = lambda logits: torch.full((logits.shape[0],), next(steps))  # noqa: SLF001
     result = search.run(QUESTION, [image])
@@ -213,7 +218,7 @@ def test_parse_verdict(text: str, verdict: int | None) -> None:
 def test_judges_batched_in_a_bracket_answer_as_judged_alone(chat: ChatModel, image: Image.Image) -> None:
     """Judge prompts of unequal length decoded as one left-padded batch give each the answer it
     gets alone, and a bracket knock-out makes the same N-1 judgements."""
-    search = _search(chat, max_judge_tokens=8)
+    search = _search(chat, max_judge_tokens=8, drafts=False)  # one token per decode step
     search._images, search._n_images = [image], 1  # noqa: SLF001 -- the layout run() sets
     question = "what color is the circle?"
     prompts = [
@@ -266,3 +271,58 @@ def test_speculative_knockout_decides_as_the_bracket_from_every_pair_judged_at_o
     assert ahead.trace["judgements"] == bracket.trace["judgements"] == 4 * 3
     assert ahead.trace["speculative_judgements"] == 4 * (6 - 3)
     assert bracket.trace["speculative_judgements"] == 0
+
+
+def test_drafts_change_no_greedy_answer_and_a_repeated_judge_answer_takes_one_forward(
+    chat: ChatModel, image: Image.Image
+) -> None:
+    """A draft is checked against the model's own predictions, so a whole greedy search (candidates
+    and judges) gives the same candidates and judgements with drafts as without; a judge answer
+    seen before is decoded in one forward."""
+    kw = {"beams": 4, "knockout": "bracket", "max_judge_tokens": 12, "max_stage_tokens": 12, "temperature": 0}
+    slow = _search(chat, drafts=False, **kw).run(QUESTION, [image])
+    fast = _search(chat, **kw).run(QUESTION, [image])
+    assert fast.answer == slow.answer
+    for a, b in zip(fast.trace["stages"], slow.trace["stages"]):
+        assert [c["ids"] for c in a["candidates"]] == [c["ids"] for c in b["candidates"]]
+        assert [j["answer"] for j in a["judgements"]] == [j["answer"] for j in b["judgements"]]
+    proposed, kept = fast.trace["draft_tokens"].values()
+    assert proposed > kept > 0  # drafts were both taken and cut short, and nothing moved
+    assert slow.trace["draft_tokens"] == {"proposed": 0, "kept": 0}
+    assert fast.trace["forwards"] < slow.trace["forwards"]
+
+    search = _search(chat, max_judge_tokens=12)
+    search._images, search._n_images = [image], 1  # noqa: SLF001 -- the layout run() sets
+    stage = DEFAULT_STAGES[1]
+    prompt = search._judge_text(
+        search._judge_prompt(stage.judge, stage.recall, "which color?", "", ["red", "blue"])
+    )  # noqa: SLF001
+    batch = chat.processor(text=[prompt], images=[[image]])
+    with torch.inference_mode():
+        features = chat.model.get_image_features(batch["pixel_values"])
+        first = search._judge(prompt, features, [])  # noqa: SLF001
+        forwards = search.forwards
+        again = search._judge(prompt, features, [])  # noqa: SLF001
+    length = len(search._judge_history[-1])  # noqa: SLF001
+    assert again == first and length > 2
+    assert forwards == 1 + (length - 1)  # prefill, then one decode step per further token
+    assert search.forwards - forwards == 1 + 1  # prefill, then the whole draft checked at once
+
+
+@pytest.mark.parametrize(("temperature", "top_p"), [(1.0, 1.0), (0.6, 0.9)])
+def test_a_checked_draft_token_is_a_sample_of_the_model_distribution(
+    chat: ChatModel, temperature: float, top_p: float
+) -> None:
+    """Kept with the probability the model gives it, else replaced by a draw without it: the token
+    returned has the model's own (tempered, nucleus-cut) distribution, whatever the draft."""
+    search = _search(chat, temperature=temperature, top_p=top_p, seed=1)
+    logits = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
+    target = search._probs(logits)  # noqa: SLF001
+    draws = 20000
+    for draft in (0, 3):  # the likeliest token, and an unlikely one
+        counts = torch.zeros_like(target)
+        for _ in range(draws):
+            counts[search.check_draft(logits, draft)[1]] += 1
+        torch.testing.assert_close(counts / draws, target, atol=0.015, rtol=0)
+    if top_p < 1:
+        assert target[-1] == 0  # the nucleus cut is applied, so the check is not vacuous

@@ -166,6 +166,42 @@ class SearchResult:
     prefixes: list[list[int]] = field(default_factory=list)  # with record_logits: ids before each stage
 
 
+class _Lookup:
+    """Prompt-lookup drafts (Saxena 2023; transformers' ``prompt_lookup_num_tokens``, which works
+    inside ``generate`` only): the tokens that followed the last 3, 2 or 1 tokens of a candidate
+    where they occurred before -- in the candidate itself, in ``history`` (latest first), or in
+    the ``prefix`` it continues (prompt and accepted stages, indexed once)."""
+
+    def __init__(self, prefix: Sequence[int], history: Sequence[list[int]], stop_at: int) -> None:
+        self.stop_at = stop_at  # a draft ends before this token (the image placeholder)
+        self.prefix = list(prefix)
+        self.history = list(reversed(history))
+        self.index: dict[tuple[int, ...], int] = {}  # n-gram -> end of its last occurrence in prefix
+        for n in (1, 2, 3):
+            for end in range(n, len(self.prefix)):  # an occurrence with at least one token after it
+                self.index[tuple(self.prefix[end - n : end])] = end
+
+    def draft(self, tokens: list[int], budget: int) -> list[int]:
+        found = self._find(tokens, budget)
+        return found[: found.index(self.stop_at)] if self.stop_at in found else found
+
+    def _find(self, tokens: list[int], budget: int) -> list[int]:
+        if budget <= 0 or not tokens:
+            return []
+        for n in (3, 2, 1):
+            if len(tokens) < n:
+                continue
+            key = tokens[-n:]
+            for seq in (tokens, *self.history):  # the candidate itself, then the latest texts
+                for end in range(len(seq) - 1, n - 1, -1):  # not the candidate's own last tokens
+                    if seq[end - n : end] == key:
+                        return seq[end : end + budget]
+            end = self.index.get(tuple(key))
+            if end is not None:
+                return [*self.prefix[end:], *tokens][:budget]
+        return []
+
+
 def _crop_to(cache: Any, length: int) -> None:
     extra = int(cache.get_seq_length()) - length
     if extra > 0:
@@ -187,6 +223,11 @@ class StageBeamSearch:
     bracket's decisions from every pair judged in one batch (N(N-1)/2 judge prompts, a single judge
     decode per stage): the judges are greedy, so each pair's verdict is the one the bracket would get,
     and the trace keeps the N-1 it used (``speculative_judgements`` counts the others).
+    ``drafts`` (default on) decodes several tokens per forward where it can: each forward also
+    checks a draft of the next tokens -- for a judge, from earlier judge answers (kept when they
+    are the model's greedy choice); for a candidate, from its own sequence or earlier accepted
+    texts of the stage, up to ``max_draft_tokens`` (kept by speculative sampling, `check_draft`).
+    The answers are samples of the same distributions either way (greedy judges: the same answers).
     """
 
     def __init__(
@@ -204,6 +245,8 @@ class StageBeamSearch:
         max_sentences: int = 32,
         seed: int | None = None,
         knockout: str = "sequential",
+        drafts: bool = True,
+        max_draft_tokens: int = 8,
     ) -> None:
         if beams < 1:
             raise ValueError(f"beams must be >= 1, got {beams}.")
@@ -220,6 +263,11 @@ class StageBeamSearch:
                 f"knockout `{knockout}` is not supported; choose one of: {', '.join(KNOCKOUTS)}."
             )
         self.knockout = knockout
+        self.drafts = drafts
+        self.max_draft_tokens = max_draft_tokens
+        self.judge_history = 32  # earlier judge answers / accepted stage texts kept for drafts
+        self._judge_history: list[list[int]] = []  # across questions
+        self._stage_history: dict[tuple[str, ...], list[list[int]]] = {}
         self.chat = chat
         self.model = chat.model
         self.processor = chat.processor
@@ -245,6 +293,8 @@ class StageBeamSearch:
         params = inspect.signature(base.language_model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"  # transformers >= 5.2x: `cache`
         self.tokens_computed = 0  # token positions run through the LLM, all batches together
+        self.forwards = 0  # LLM forward calls (prefills and decode steps) of the last run
+        self.drafted = self.draft_kept = 0  # draft tokens proposed / kept, candidates and judges, last run
         self.vision_calls = 0
         self.beams_judged = 0  # judgements of the last run
         self.judge_fallbacks = 0  # of which the verdict fell back to log-probability
@@ -264,9 +314,11 @@ class StageBeamSearch:
         features: torch.Tensor | None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.Tensor | None = None,
+        keep: int | None = None,
     ) -> torch.Tensor:
-        """Run ``ids`` [B, T] after ``cache`` (updated in place); returns the last logits [B, V].
-        Rows of unequal length pass ``attention_mask`` [B, T_cache + T] and ``position_ids`` [B, T]."""
+        """Run ``ids`` [B, T] after ``cache`` (updated in place); returns the last logits [B, V]
+        (with ``keep``, those of the last ``keep`` positions, [B, keep, V]). Rows of unequal
+        length pass ``attention_mask`` [B, T_cache + T] and ``position_ids`` [B, T]."""
         embeds = self.base.get_input_embeddings()(ids)  # [B, T, D_llm]
         slots = ids == self.image_token_id
         if bool(slots.any()):
@@ -277,11 +329,12 @@ class StageBeamSearch:
             attention_mask=attention_mask,
             position_ids=position_ids,
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=keep or 1,
             **{self._cache_kw: cache},
         )
         self.tokens_computed += ids.numel()
-        return out.logits[:, -1].float()
+        self.forwards += 1
+        return out.logits[:, -1].float() if keep is None else out.logits[:, -keep:].float()
 
     def _extend(self, state: _State, new: Sequence[int], features: torch.Tensor | None) -> _State:
         """``state`` followed by ``new`` tokens (in place: the cache grows)."""
@@ -311,17 +364,37 @@ class StageBeamSearch:
         _crop_to(cache, length)
         return self._extend(_State(ids[:length], cache, torch.empty(0)), ids[length:], features)
 
-    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
-        """[B, V] -> [B]: greedy at temperature 0, else nucleus sampling."""
-        if self.temperature <= 0:
-            return logits.argmax(-1)
+    def _probs(self, logits: torch.Tensor) -> torch.Tensor:
+        """[..., V] -> the sampling distribution: softmax at ``temperature``, cut to ``top_p``."""
         probs = torch.softmax(logits / self.temperature, dim=-1)
         if self.top_p < 1.0:
             sorted_p, order = probs.sort(dim=-1, descending=True)
             drop = sorted_p.cumsum(-1) - sorted_p > self.top_p  # keep the smallest set reaching top_p
             sorted_p = sorted_p.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter(-1, order, sorted_p)
+        return probs / probs.sum(-1, keepdim=True)
+
+    def _sample(self, logits: torch.Tensor) -> torch.Tensor:
+        """[B, V] -> [B]: greedy at temperature 0, else nucleus sampling."""
+        if self.temperature <= 0:
+            return logits.argmax(-1)
+        probs = self._probs(logits)
         return torch.multinomial(probs.cpu(), 1, generator=self.generator).squeeze(-1).to(logits.device)
+
+    def check_draft(self, logits: torch.Tensor, draft: int) -> tuple[bool, int]:
+        """Speculative sampling against a draft that proposes one token (Leviathan et al. 2023,
+        Chen et al. 2023, with the draft distribution a point mass): ``draft`` is kept with the
+        probability the model gives it (greedy: when it is the argmax); else a token is drawn from
+        the model's distribution without it. Either way the token returned is a sample of the
+        model's own distribution ``logits`` [V]. Returns (kept, token)."""
+        if self.temperature <= 0:
+            best = int(logits.argmax())
+            return best == draft, best
+        probs = self._probs(logits).cpu()
+        if float(torch.rand((), generator=self.generator)) < float(probs[draft]):
+            return True, draft
+        probs[draft] = 0.0
+        return False, int(torch.multinomial(probs, 1, generator=self.generator))
 
     def _stopped(self, tokens: list[int], stops: Sequence[str]) -> bool:
         """Whether a stop string shows in the last tokens: a string of L characters spans at most L
@@ -340,45 +413,111 @@ class StageBeamSearch:
         max_tokens: int,
         features: torch.Tensor | None,
         record_logits: bool = False,
-    ) -> tuple[list[_Candidate], Any]:
+        history: Sequence[list[int]] = (),
+    ) -> tuple[list[_Candidate], Any, torch.Tensor]:
         """N candidates after ``state``, decoded as one batch from a copy of its cache expanded N
-        times; each stops at a stop string, EOS / end of turn, or ``max_tokens``. Returns them and
-        the batch cache (row i holds candidate i)."""
+        times; each stops at a stop string, EOS / end of turn, or ``max_tokens``. Returns them, the
+        batch cache (row i holds candidate i) and its mask [N, T] (0 at rejected draft positions).
+
+        With ``drafts``, each forward also checks up to ``max_draft_tokens`` proposed tokens per
+        row -- what followed the row's last tokens in its own sequence (the prompt, the accepted
+        stages, the candidate so far) or in ``history`` (earlier accepted texts of this stage) --
+        by `check_draft`, so every token is still a sample of the model's distribution."""
         cache = copy.deepcopy(state.cache)
         if n > 1:
             cache.batch_repeat_interleave(n)
-        logits = state.logits.unsqueeze(0).expand(n, -1)  # [N, V]
+        device = self._device
+        start = len(state.ids)
+        mask = torch.ones(n, start, dtype=torch.long, device=device)
+        positions = [start] * n  # the position of each row's last token, which is not fed yet
+        lookup = _Lookup(state.ids, history, self.image_token_id)
         candidates = [_Candidate([]) for _ in range(n)]
-        running = list(range(n))
-        for step in range(max_tokens):
-            chosen = self._sample(logits)  # [N]
-            logprobs = torch.log_softmax(logits, dim=-1).gather(-1, chosen[:, None])[:, 0]
+
+        def take(row: int, token: int, logits: torch.Tensor) -> bool:
+            """Append ``token`` (sampled from ``logits`` [V]); False when the candidate is over."""
+            candidate = candidates[row]
+            if token in self.stop_ids:
+                candidate.closed_by = "eos"
+                return False
+            candidate.tokens.append(token)
+            candidate.logprob_sum += float(torch.log_softmax(logits, dim=-1)[token])
+            if record_logits:
+                candidate.logits.append(logits.detach().cpu())
+            if stops and self._stopped(candidate.tokens, stops):
+                candidate.closed_by = "tag"
+                return False
+            return len(candidate.tokens) < max_tokens
+
+        first = self._sample(state.logits.unsqueeze(0).expand(n, -1))  # [N]
+        running = [row for row in range(n) if take(row, int(first[row]), state.logits)]
+        while running:
+            drafts = {
+                row: lookup.draft(
+                    candidates[row].tokens,
+                    min(self.max_draft_tokens, max_tokens - len(candidates[row].tokens)),
+                )
+                if self.drafts
+                else []
+                for row in running
+            }
+            span = 1 + max(len(d) for d in drafts.values())
+            block = [
+                [candidates[row].tokens[-1] if candidates[row].tokens else 0, *drafts.get(row, [])]
+                for row in range(n)
+            ]
+            block = [b + [b[-1]] * (span - len(b)) for b in block]  # fillers, masked out below
+            mask = torch.cat([mask, torch.ones(n, span, dtype=mask.dtype, device=device)], dim=1)
+            position_ids = torch.tensor([[p + i for i in range(span)] for p in positions], device=device)
+            ids = torch.tensor(block, device=device)
+            logits = self._forward(ids, cache, features, mask, position_ids, keep=span)  # [N, span, V]
+            after: dict[int, int] = {}  # row -> the position whose logits give its next token
             for row in list(running):
-                token = int(chosen[row])
-                candidate = candidates[row]
-                if token in self.stop_ids:
-                    candidate.closed_by = "eos"
+                draft, fed, alive = drafts[row], 1, True
+                for i, proposed in enumerate(draft):
+                    kept, token = self.check_draft(logits[row, i], proposed)
+                    self.drafted += 1
+                    self.draft_kept += kept
+                    alive = take(row, token, logits[row, i])
+                    if not kept:
+                        break  # a token drawn in its place, fed with the next block
+                    fed += 1
+                    if not alive:
+                        break
+                else:  # every draft token kept (or none proposed): the next one is sampled below
+                    if alive:
+                        after[row] = len(draft)
+                mask[row, mask.shape[1] - span + fed :] = 0
+                positions[row] += fed
+                if not alive:
                     running.remove(row)
-                    continue
-                candidate.tokens.append(token)
-                candidate.logprob_sum += float(logprobs[row])
-                if record_logits:
-                    candidate.logits.append(logits[row].detach().cpu())
-                if stops and self._stopped(candidate.tokens, stops):
-                    candidate.closed_by = "tag"
-                    running.remove(row)
-            if not running or step == max_tokens - 1:
-                break
-            logits = self._forward(chosen[:, None], cache, features)
-        return candidates, cache
+            if after:  # one batched draw for the rows whose drafts were all kept
+                rows = list(after)
+                last = logits[rows, [after[r] for r in rows]]  # [R, V]
+                for row, token, row_logits in zip(rows, self._sample(last).tolist(), last):
+                    if not take(row, token, row_logits):
+                        running.remove(row)
+        return candidates, cache, mask
 
     def _accept(
-        self, state: _State, cache: Any, row: int, candidate: _Candidate, close: str, n: int, features: Any
+        self,
+        state: _State,
+        cache: Any,
+        mask: torch.Tensor,
+        row: int,
+        candidate: _Candidate,
+        close: str,
+        n: int,
+        features: Any,
     ) -> _State:
-        """The state after the winner: its row of the batch cache (the tokens it fed), its last
-        token, and ``close`` when the candidate did not close the stage itself."""
+        """The state after the winner: its row of the batch cache (the tokens it fed, without the
+        rejected draft positions), its last token, and ``close`` when the candidate did not close
+        the stage itself."""
         if n > 1:
             cache.batch_select_indices(torch.tensor([row], device=self._device))
+        keep = mask[row].nonzero()[:, 0]
+        if len(keep) < mask.shape[1]:
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, keep], layer.values[:, :, keep]
         fed = len(candidate.tokens) - 1 if candidate.tokens else 0
         _crop_to(cache, len(state.ids) + fed)
         kept = _State([*state.ids, *candidate.tokens[:fed]], cache, state.logits)
@@ -395,23 +534,15 @@ class StageBeamSearch:
 
     def _judge(self, prompt_text: str, features: Any, known: list[_State]) -> tuple[int | None, str]:
         """The judge's greedy answer to ``prompt_text`` (image + judge text) and its verdict."""
-        ids = self._ids(prompt_text)
-        state = self._prefill(ids, features, known)
-        known.append(_State(list(ids), copy.deepcopy(state.cache), state.logits))
-        self.beams_judged += 1
-        out = self.sample_greedy(state, self.max_judge_tokens, features)
-        text = self.tokenizer.decode(out, skip_special_tokens=True).strip()
-        return parse_verdict(text), text
+        return self._judge_many([prompt_text], features, known)[0]
 
     def _judge_many(
         self, prompt_texts: list[str], features: Any, known: list[_State]
     ) -> list[tuple[int | None, str]]:
-        """`_judge` for several prompts, their answers decoded as one batch: each prompt is prefilled
-        from cache on its own, the caches are left-padded to one length and masked."""
+        """The judge's greedy answers to several prompts, decoded as one batch: each prompt is
+        prefilled from cache on its own, the caches are left-padded to one length and masked."""
         from transformers import DynamicCache
 
-        if len(prompt_texts) == 1:
-            return [self._judge(prompt_texts[0], features, known)]
         states = []
         for text in prompt_texts:
             ids = self._ids(text)
@@ -421,50 +552,118 @@ class StageBeamSearch:
         self.beams_judged += len(states)
         lengths = [len(st.ids) for st in states]
         width = max(lengths)
-        cache = DynamicCache()
-        for layer in range(len(states[0].cache.layers)):
-            rows_k, rows_v = [], []
-            for st, n in zip(states, lengths):
-                k, v = st.cache.layers[layer].keys, st.cache.layers[layer].values  # [1, H, n, D]
-                rows_k.append(torch.nn.functional.pad(k, (0, 0, width - n, 0)))
-                rows_v.append(torch.nn.functional.pad(v, (0, 0, width - n, 0)))
-            cache.update(torch.cat(rows_k), torch.cat(rows_v), layer)
+        cache = states[0].cache
+        if len(states) > 1:
+            cache = DynamicCache()
+            for layer in range(len(states[0].cache.layers)):
+                rows_k, rows_v = [], []
+                for st, n in zip(states, lengths):
+                    k, v = st.cache.layers[layer].keys, st.cache.layers[layer].values  # [1, H, n, D]
+                    rows_k.append(torch.nn.functional.pad(k, (0, 0, width - n, 0)))
+                    rows_v.append(torch.nn.functional.pad(v, (0, 0, width - n, 0)))
+                cache.update(torch.cat(rows_k), torch.cat(rows_v), layer)
         mask = torch.tensor([[0] * (width - n) + [1] * n for n in lengths], device=self._device)
-        positions = torch.tensor(lengths, device=self._device)[:, None]  # [B, 1]
         logits = torch.stack([st.logits for st in states])  # [B, V]
-        outs: list[list[int]] = [[] for _ in states]
-        running = set(range(len(states)))
-        for step in range(self.max_judge_tokens):
-            chosen = logits.argmax(-1)  # [B]
-            for row in list(running):
-                token = int(chosen[row])
-                if token in self.stop_ids:
-                    running.discard(row)
-                    continue
-                outs[row].append(token)
-                if _VERDICT.search(self.tokenizer.decode(outs[row][-12:], skip_special_tokens=True)):
-                    running.discard(row)
-            if not running or step == self.max_judge_tokens - 1:
-                break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            logits = self._forward(chosen[:, None], cache, features, mask, positions + step)
+        outs = self._greedy_batch(cache, mask, lengths, logits, features)
         texts = [self.tokenizer.decode(out, skip_special_tokens=True).strip() for out in outs]
         return [(parse_verdict(t), t) for t in texts]
 
-    def sample_greedy(self, state: _State, max_tokens: int, features: Any) -> list[int]:
-        tokens: list[int] = []
-        logits = state.logits.unsqueeze(0)
-        for step in range(max_tokens):
-            token = int(logits[0].argmax())
+    def _greedy_batch(
+        self, cache: Any, mask: torch.Tensor, lengths: list[int], logits: torch.Tensor, features: Any
+    ) -> list[list[int]]:
+        """Greedy judge answers after ``cache`` (rows masked by ``mask`` [B, T], row r holding
+        ``lengths[r]`` real tokens, ``logits`` [B, V] predicting the next), each ending at EOS / end
+        of turn, a verdict, or ``max_judge_tokens``.
+
+        With ``drafts`` each forward also checks a draft of the next tokens taken from earlier
+        judge answers (prompt-lookup decoding, Saxena 2023; transformers' ``prompt_lookup_num_tokens``
+        does the same inside ``generate``, which cannot start from this search's masked, left-padded
+        batch cache): the tokens the model itself predicts at each draft position are kept up to the
+        first one that differs, so the answer is the plain greedy one, in fewer forwards. A rejected
+        draft position stays in the cache, masked out."""
+        outs: list[list[int]] = [[] for _ in lengths]
+        running = set(range(len(lengths)))
+        positions = list(lengths)  # the position of each row's next token
+        limit = self.max_judge_tokens
+
+        def take(row: int, token: int) -> bool:
+            """Append ``token`` to ``row``'s answer; False when the answer is over."""
             if token in self.stop_ids:
+                return False
+            outs[row].append(token)
+            if _VERDICT.search(self.tokenizer.decode(outs[row][-12:], skip_special_tokens=True)):
+                return False  # the verdict is out: the rest of the judgement is not read
+            return len(outs[row]) < limit
+
+        while True:
+            chosen = logits.argmax(-1)  # [B]
+            for row in sorted(running):
+                if not take(row, int(chosen[row])):
+                    running.discard(row)
+            if not running:
                 break
-            tokens.append(token)
-            if _VERDICT.search(self.tokenizer.decode(tokens[-12:], skip_special_tokens=True)):
-                break  # the verdict is out: the rest of the judgement is not read
-            if step == max_tokens - 1:
+            drafts = {
+                row: self._judge_draft(outs[row], limit - len(outs[row])) if self.drafts else []
+                for row in running
+            }
+            span = 1 + max(len(d) for d in drafts.values())
+            block = [
+                [outs[row][-1] if outs[row] else 0, *drafts.get(row, [])][:span]
+                for row in range(len(lengths))
+            ]
+            block = [b + [b[-1]] * (span - len(b)) for b in block]  # fillers: masked out below
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1]).expand(-1, span)], dim=1)
+            ids = torch.tensor(block, device=self._device)
+            position_ids = torch.tensor(
+                [[p + i for i in range(span)] for p in positions], device=self._device
+            )
+            step_logits = self._forward(ids, cache, features, mask, position_ids, keep=span)  # [B, span, V]
+            predicted = step_logits.argmax(-1)  # [B, span]
+            logits = step_logits[:, 0]
+            for row in sorted(running):
+                draft, kept = drafts[row], 0
+                while kept < len(draft) and int(predicted[row, kept]) == draft[kept]:
+                    kept += 1
+                self.drafted += len(draft)
+                self.draft_kept += kept
+                alive = True
+                for token in draft[:kept]:  # the model's own greedy tokens
+                    alive = take(row, token)
+                    if not alive:
+                        break
+                if not alive:
+                    running.discard(row)
+                logits[row] = step_logits[row, kept]
+                width = mask.shape[1]
+                mask[row, width - span + 1 + kept :] = 0  # the rejected draft positions
+                positions[row] += 1 + kept
+            if not running:
                 break
-            logits = self._forward(torch.tensor([[token]], device=self._device), state.cache, features)
-        return tokens
+        for out in outs:
+            if out:
+                self._judge_history.append(out)
+        del self._judge_history[: -self.judge_history]
+        return outs
+
+    def _judge_draft(self, out: list[int], budget: int) -> list[int]:
+        """At most ``budget`` tokens that followed the longest (up to 3 tokens) suffix of ``out`` in
+        an earlier judge answer: the latest answer holding it at the same position first (judge
+        answers share one format), else its last occurrence in the latest answer holding it."""
+        if budget <= 0 or not out:
+            return []
+        end = len(out)
+        for past in reversed(self._judge_history):
+            if len(past) > end and past[:end][-3:] == out[-3:]:
+                return past[end : end + budget]
+        for n in (3, 2, 1):
+            if end < n:
+                continue
+            key = out[-n:]
+            for past in reversed(self._judge_history):
+                for i in range(len(past) - n - 1, -1, -1):
+                    if past[i : i + n] == key:
+                        return past[i + n : i + n + budget]
+        return []
 
     def _select(
         self,
@@ -605,7 +804,7 @@ class StageBeamSearch:
         prompt_text, loaded = self.chat.prompt(conversation, images)
         self._images, self._n_images = loaded, len(loaded)
         self.tokens_computed, self.vision_calls, self.judge_fallbacks, self.beams_judged = 0, 0, 0, 0
-        self.speculative_judged = 0
+        self.speculative_judged, self.forwards, self.drafted, self.draft_kept = 0, 0, 0, 0
         stage_limit = max_new_tokens or self.max_stage_tokens
         question = _question_of(conversation, self.processor.image_token)
         batch = self.processor(text=[prompt_text], images=[loaded] if loaded else None)
@@ -643,6 +842,8 @@ class StageBeamSearch:
             "speculative_judgements": self.speculative_judged,
             "vision_calls": self.vision_calls,
             "tokens_computed": self.tokens_computed,
+            "forwards": self.forwards,
+            "draft_tokens": {"proposed": self.drafted, "kept": self.draft_kept},
             "warnings": warnings,
         }
         return SearchResult(
@@ -687,7 +888,10 @@ class StageBeamSearch:
         carry = ""  # text of the last accepted token past its stop string (a token like `>\n<`)
         for index, (stage, stops, instruction, recall) in enumerate(self._plan()):
             n = self.beams
-            candidates, cache = self.sample_candidates(state, n, stops, stage_limit, features, record_logits)
+            history = self._stage_history.setdefault(tuple(stops), [])
+            candidates, cache, mask = self.sample_candidates(
+                state, n, stops, stage_limit, features, record_logits, history
+            )
             cut = [self._text(c.tokens, stops) for c in candidates]
             texts = [carry + text for text, _ in cut]
             answer_so_far = self.tokenizer.decode(state.ids[len(prompt_ids) :], skip_special_tokens=True)
@@ -717,7 +921,9 @@ class StageBeamSearch:
             if record_logits:
                 logits_out.append([torch.stack(c.logits) if c.logits else torch.empty(0) for c in candidates])
                 prefixes.append(list(state.ids))
-            state = self._accept(state, cache, winner, chosen, close, n, features)
+            state = self._accept(state, cache, mask, winner, chosen, close, n, features)
+            history.append(list(chosen.tokens))
+            del history[: -self.judge_history]
             record.update(
                 candidates=[
                     {

@@ -58,6 +58,7 @@ class Reference:
         self.s = search  # for the model, the stages, the judge prompts and the settings
         self.rng = random.Random(seed)
         self.tokens = 0
+        self.forwards = 0
 
     def _generate(
         self, ids: list[int], image: Any, stops: list[str], max_new: int, sample: bool
@@ -80,6 +81,7 @@ class Reference:
         )[0].tolist()
         new = len(out) - len(ids)
         self.tokens += len(ids) + max(0, new - 1)  # prefill, then one position per further token
+        self.forwards += max(1, new)
         return out
 
     def run(self, question: str, image: Any) -> str:
@@ -161,6 +163,11 @@ def main(argv: list[str] | None = None) -> int:
         help="mllm's knock-out order (the reference pairs at random); both make N-1 judgements per stage",
     )
     parser.add_argument(
+        "--no-drafts",
+        action="store_true",
+        help="mllm decodes one token per forward (default: drafts checked several tokens per forward)",
+    )
+    parser.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -184,12 +191,13 @@ def main(argv: list[str] | None = None) -> int:
                 max_judge_tokens=args.max_judge_tokens,
                 seed=args.seed,
                 knockout=args.knockout,
+                drafts=not args.no_drafts,
             )
             reference = Reference(search, args.seed)
             torch.manual_seed(args.seed)
             ref_answers, ours = [], []
             ref_s = ours_s = 0.0
-            ref_vision = ours_vision = ours_tokens = 0
+            ref_vision = ours_vision = ours_tokens = ours_forwards = 0
             for q, image, _ in questions:  # alternate, so that both see the same machine load
                 calls.clear()
                 begin = time.perf_counter()
@@ -201,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                 ours.append(search.run(f"<image>\n{q}", [image]))
                 ours_s, ours_vision = ours_s + time.perf_counter() - begin, ours_vision + len(calls)
                 ours_tokens += search.tokens_computed
+                ours_forwards += search.forwards
             ref_s, ours_s, ref_vision, ours_vision = (
                 ref_s / n_q,
                 ours_s / n_q,
@@ -210,8 +219,10 @@ def main(argv: list[str] | None = None) -> int:
             em_ref = sum(_conclusion(a) == q[2] for a, q in zip(ref_answers, questions))
             em_ours = sum(r.conclusion == q[2] for r, q in zip(ours, questions))
             print(
-                f"N={beams}: reference {ref_s:.3f} s/q, {reference.tokens / n_q:.0f} tokens/q, vision {ref_vision:.0f}/q"
-                f" | mllm ({args.knockout}) {ours_s:.3f} s/q, {ours_tokens / n_q:.0f} tokens/q, vision {ours_vision:.0f}/q"
+                f"N={beams}: reference {ref_s:.3f} s/q, {reference.tokens / n_q:.0f} tokens/q,"
+                f" {reference.forwards / n_q:.0f} forwards/q, vision {ref_vision:.0f}/q"
+                f" | mllm ({args.knockout}) {ours_s:.3f} s/q, {ours_tokens / n_q:.0f} tokens/q,"
+                f" {ours_forwards / n_q:.0f} forwards/q, vision {ours_vision:.0f}/q"
                 f" | {ref_s / ours_s:.1f}x"
                 + (
                     f" | conclusion exact match: reference {em_ref}/{n_q}, mllm {em_ours}/{n_q}"
