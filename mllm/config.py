@@ -55,7 +55,8 @@ class ModelArguments:
     image_token: str = "<image>"  # placeholder string in prompts
     attn_implementation: str | None = None  # sdpa | eager | flash_attention_2; None = transformers' default
     init_from: str | None = None  # a previous stage's output dir to start from (null = the components)
-    # BLIP-2 stage 1 (mllm.training.qformer_stage): the Q-Former alone, no LLM; later stages inherit its size
+    # BLIP-2 stage 1 (mllm.training.qformer_stage): the Q-Former alone, no LLM; later stages inherit its size.
+    # The size keys also shape a randomly initialised `connector_type: qformer` (a run without init_from).
     qformer_pretrain: bool = False  # train the Q-Former with ITC + ITM + ITG on image-text pairs
     qformer_num_layers: int = 2  # Q-Former layers (BLIP-2: 12, from BERT-base)
     qformer_hidden_size: int | None = None  # Q-Former width; None = the vision tower's (BLIP-2: 768)

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from PIL import Image
 from transformers import AutoModelForImageTextToText
 
 from mllm.config import build_run_config
@@ -190,3 +191,34 @@ def test_init_from_applies_attn_implementation(tiny_components, tmp_path, stage1
             _stage2_config(tiny_components, tmp_path, f"attn_implementation={impl}", "tune_llm=frozen")
         )
         assert model.language_model.config._attn_implementation == impl
+
+
+def test_qformer_size_keys_shape_a_fresh_qformer_connector(tiny_components, tmp_path):
+    """A randomly initialised Q-Former connector takes the recipe's size keys, as stage 1's does (they
+    were ignored before: the connector always had 2 layers and a cross-attention every 2nd)."""
+    from mllm.training.stages import load_for_training
+
+    keys = ["qformer_num_layers=3", "qformer_hidden_size=32", "qformer_num_heads=4"]
+    keys += ["qformer_cross_attention_freq=1", "num_query_tokens=5"]
+    run = build_run_config(
+        None,
+        [
+            f"vision_tower={tiny_components['clip-vision']}",
+            f"model_name_or_path={tiny_components['llama']}",
+            "connector_type=qformer",
+            "data_path=unused.json",
+            f"output_dir={tmp_path / 'q'}",
+            "use_cpu=true",
+            *keys,
+        ],
+    )
+    model, processor, _ = load_for_training(run)
+    qcfg = model.config.qformer_config
+    assert (qcfg.num_hidden_layers, qcfg.hidden_size, qcfg.num_attention_heads) == (3, 32, 4)
+    assert qcfg.cross_attention_frequency == 1
+    layers = model.connector.qformer.encoder.layer
+    assert all(layer.has_cross_attention for layer in layers)  # every layer reads the image
+    pixel_values = processor(text=["<image>"], images=[[Image.new("RGB", (32, 32))]])["pixel_values"]
+    with torch.no_grad():
+        out = model.get_image_features(pixel_values)
+    assert out.shape == (1, 5, model.config.text_config.hidden_size)

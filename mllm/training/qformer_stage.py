@@ -29,12 +29,13 @@ from transformers import (
     AutoImageProcessor,
     AutoTokenizer,
     Blip2QFormerConfig,
+    PreTrainedConfig,
     PreTrainedTokenizerBase,
     Trainer,
 )
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
-from mllm.config import ConfigError, RunConfig
+from mllm.config import ConfigError, ModelArguments, RunConfig
 from mllm.data.formats import load_records
 from mllm.data.images import load_image
 from mllm.models.adapters import llm_quantization_config
@@ -157,6 +158,24 @@ class PairCollator:
 
 
 # -- model ------------------------------------------------------------------------------------
+def recipe_qformer_config(
+    m: ModelArguments, vision_config: PreTrainedConfig, **extra: Any
+) -> Blip2QFormerConfig:
+    """The Q-Former of the recipe's size keys (``qformer_num_layers``, ``qformer_hidden_size``,
+    ``qformer_num_heads``, ``qformer_cross_attention_freq``; width and heads default to the vision
+    tower's), cross-attending to ``vision_config``'s features; ``extra`` for the text branch."""
+    hidden = m.qformer_hidden_size or vision_config.hidden_size
+    return Blip2QFormerConfig(
+        hidden_size=hidden,
+        num_hidden_layers=m.qformer_num_layers,
+        num_attention_heads=m.qformer_num_heads or vision_config.num_attention_heads,
+        intermediate_size=4 * hidden,
+        encoder_hidden_size=vision_config.hidden_size,
+        cross_attention_frequency=m.qformer_cross_attention_freq,
+        **extra,
+    )
+
+
 def build_stage1_model(run: RunConfig, tokenizer: PreTrainedTokenizerBase) -> QFormerPretrainModel:
     """The stage-1 model of the recipe's size: pretrained vision tower, freshly initialised Q-Former."""
     m = run.model
@@ -182,16 +201,11 @@ def build_stage1_model(run: RunConfig, tokenizer: PreTrainedTokenizerBase) -> QF
         )
         qcfg.pad_token_id = ids["pad_token_id"]
     else:
-        hidden = m.qformer_hidden_size or vision_config.hidden_size
-        qcfg = Blip2QFormerConfig(
+        qcfg = recipe_qformer_config(
+            m,
+            vision_config,
             vocab_size=ids["vocab_size"],
             pad_token_id=ids["pad_token_id"],
-            hidden_size=hidden,
-            num_hidden_layers=m.qformer_num_layers,
-            num_attention_heads=m.qformer_num_heads or vision_config.num_attention_heads,
-            intermediate_size=4 * hidden,
-            encoder_hidden_size=vision_config.hidden_size,
-            cross_attention_frequency=m.qformer_cross_attention_freq,
             max_position_embeddings=max(512, m.qformer_max_text_length),
             use_qformer_text_input=True,
         )

@@ -35,6 +35,7 @@ from mllm.models.liger import apply_liger_to_llm
 from mllm.models.loading import load_model_and_processor
 from mllm.models.modeling_mllm import MllmForConditionalGeneration
 from mllm.models.processing_mllm import MllmProcessor
+from mllm.models.vision import vision_config_from
 from mllm.run_dir import RunRecord, last_checkpoint, read_record, resolve_resume
 from mllm.training.trainer import MllmTrainer
 
@@ -133,6 +134,11 @@ def load_for_training(run: RunConfig) -> tuple[nn.Module, MllmProcessor, RunReco
         )
         return model, processor, previous.continued(tuning=tuning_dict, config=run.source)
     vision, llm = run.model.vision_tower, run.model.model_name_or_path
+    qformer = {}
+    if run.model.connector_type == "qformer":  # a fresh Q-Former connector of the recipe's size keys
+        from mllm.training.qformer_stage import recipe_qformer_config
+
+        qformer["qformer_config"] = recipe_qformer_config(run.model, vision_config_from(vision))
     model = MllmForConditionalGeneration.from_components(
         vision,
         llm,
@@ -140,6 +146,7 @@ def load_for_training(run: RunConfig) -> tuple[nn.Module, MllmProcessor, RunReco
         dtype=dtype,
         attn_implementation=run.model.attn_implementation,
         **{key: getattr(run.model, key) for key in RECIPE_ARCHITECTURE_KEYS},
+        **qformer,
     )
     processor = MllmProcessor.from_components(
         vision, llm, num_image_tokens=model.config.num_image_tokens, image_token=model.config.image_token
