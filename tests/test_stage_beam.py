@@ -326,3 +326,16 @@ def test_a_checked_draft_token_is_a_sample_of_the_model_distribution(
         torch.testing.assert_close(counts / draws, target, atol=0.015, rtol=0)
     if top_p < 1:
         assert target[-1] == 0  # the nucleus cut is applied, so the check is not vacuous
+
+
+def test_forget_drafts_makes_a_seeded_question_independent_of_the_ones_before(
+    chat: ChatModel, image: Image.Image
+) -> None:
+    """Drafts from earlier questions change how many random draws a question takes; `mllm eval`
+    forgets them before each seeded question, so a resumed run samples what a whole one did."""
+    alone = _search(chat, beams=2, seed=3).run(QUESTION, [image]).answer
+    search = _search(chat, beams=2, seed=0)
+    search.run("<image>\nwhich shape is red?", [image])  # leaves drafts behind
+    search.generator = torch.Generator().manual_seed(3)
+    search.forget_drafts()
+    assert search.run(QUESTION, [image]).answer == alone

@@ -413,6 +413,7 @@ def _search_answers(
     answers, traces = [], []
     for sample_id, turns, group in zip(ids, conversations, images):
         searcher.generator = torch.Generator().manual_seed(zlib.crc32(sample_id.encode("utf-8")))
+        searcher.forget_drafts()  # drafts from earlier questions would change how many draws it takes
         result = searcher.run(turns, group)
         answers.append(result.answer)
         traces.append(result.trace)

@@ -302,6 +302,12 @@ class StageBeamSearch:
         self._images: list[Any] = []  # the question's images (the judge prompts show them too)
         self._n_images = 0
 
+    def forget_drafts(self) -> None:
+        """Drop the earlier judge answers and accepted stage texts that drafts come from, so that a
+        seeded run of one question draws the same samples whatever questions came before it."""
+        self._judge_history.clear()
+        self._stage_history.clear()
+
     # -- model steps ----------------------------------------------------------------------------
     @property
     def _device(self) -> torch.device:
