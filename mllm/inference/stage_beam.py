@@ -265,7 +265,7 @@ class StageBeamSearch:
         self.knockout = knockout
         self.drafts = drafts
         self.max_draft_tokens = max_draft_tokens
-        self.judge_history = 32  # earlier judge answers / accepted stage texts kept for drafts
+        self.draft_memory = 32  # earlier judge answers / accepted stage texts kept for drafts
         self._judge_history: list[list[int]] = []  # across questions
         self._stage_history: dict[tuple[str, ...], list[list[int]]] = {}
         self.chat = chat
@@ -648,7 +648,7 @@ class StageBeamSearch:
         for out in outs:
             if out:
                 self._judge_history.append(out)
-        del self._judge_history[: -self.judge_history]
+        del self._judge_history[: -self.draft_memory]
         return outs
 
     def _judge_draft(self, out: list[int], budget: int) -> list[int]:
@@ -929,7 +929,7 @@ class StageBeamSearch:
                 prefixes.append(list(state.ids))
             state = self._accept(state, cache, mask, winner, chosen, close, n, features)
             history.append(list(chosen.tokens))
-            del history[: -self.judge_history]
+            del history[: -self.draft_memory]
             record.update(
                 candidates=[
                     {
