@@ -202,6 +202,13 @@ class _Lookup:
         return []
 
 
+def _keep_fed(mask: torch.Tensor, positions: list[int], row: int, span: int, fed: int) -> None:
+    """``row`` keeps the first ``fed`` positions of the block of ``span`` just fed: the rest (a
+    rejected draft, fillers) is masked out, and its next block starts after the kept ones."""
+    mask[row, mask.shape[1] - span + fed :] = 0
+    positions[row] += fed
+
+
 def _crop_to(cache: Any, length: int) -> None:
     extra = int(cache.get_seq_length()) - length
     if extra > 0:
@@ -466,16 +473,11 @@ class StageBeamSearch:
                 else []
                 for row in running
             }
-            span = 1 + max(len(d) for d in drafts.values())
-            block = [
+            blocks = [
                 [candidates[row].tokens[-1] if candidates[row].tokens else 0, *drafts.get(row, [])]
                 for row in range(n)
             ]
-            block = [b + [b[-1]] * (span - len(b)) for b in block]  # fillers, masked out below
-            mask = torch.cat([mask, torch.ones(n, span, dtype=mask.dtype, device=device)], dim=1)
-            position_ids = torch.tensor([[p + i for i in range(span)] for p in positions], device=device)
-            ids = torch.tensor(block, device=device)
-            logits = self._forward(ids, cache, features, mask, position_ids, keep=span)  # [N, span, V]
+            logits, mask = self._feed_blocks(blocks, cache, features, mask, positions)  # [N, span, V]
             after: dict[int, int] = {}  # row -> the position whose logits give its next token
             for row in list(running):
                 draft, fed, alive = drafts[row], 1, True
@@ -492,8 +494,7 @@ class StageBeamSearch:
                 else:  # every draft token kept (or none proposed): the next one is sampled below
                     if alive:
                         after[row] = len(draft)
-                mask[row, mask.shape[1] - span + fed :] = 0
-                positions[row] += fed
+                _keep_fed(mask, positions, row, logits.shape[1], fed)
                 if not alive:
                     running.remove(row)
             if after:  # one batched draw for the rows whose drafts were all kept
@@ -503,6 +504,19 @@ class StageBeamSearch:
                     if not take(row, token, row_logits):
                         running.remove(row)
         return candidates, cache, mask
+
+    def _feed_blocks(
+        self, blocks: list[list[int]], cache: Any, features: Any, mask: torch.Tensor, positions: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run each row's block (its last token, not yet fed, then a draft) after ``cache``, the rows
+        filled up to one width by repeating their last token; ``positions`` [B] are where the blocks
+        start. Returns the logits of every block position [B, span, V] and ``mask`` grown by span
+        (`_keep_fed` then masks what each row does not keep)."""
+        span = max(len(b) for b in blocks)
+        ids = torch.tensor([b + [b[-1]] * (span - len(b)) for b in blocks], device=self._device)
+        mask = torch.cat([mask, torch.ones(len(blocks), span, dtype=mask.dtype, device=mask.device)], dim=1)
+        position_ids = torch.tensor([[p + i for i in range(span)] for p in positions], device=self._device)
+        return self._forward(ids, cache, features, mask, position_ids, keep=span), mask
 
     def _accept(
         self,
@@ -612,18 +626,10 @@ class StageBeamSearch:
                 row: self._judge_draft(outs[row], limit - len(outs[row])) if self.drafts else []
                 for row in running
             }
-            span = 1 + max(len(d) for d in drafts.values())
-            block = [
-                [outs[row][-1] if outs[row] else 0, *drafts.get(row, [])][:span]
-                for row in range(len(lengths))
+            blocks = [
+                [outs[row][-1] if outs[row] else 0, *drafts.get(row, [])] for row in range(len(lengths))
             ]
-            block = [b + [b[-1]] * (span - len(b)) for b in block]  # fillers: masked out below
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1]).expand(-1, span)], dim=1)
-            ids = torch.tensor(block, device=self._device)
-            position_ids = torch.tensor(
-                [[p + i for i in range(span)] for p in positions], device=self._device
-            )
-            step_logits = self._forward(ids, cache, features, mask, position_ids, keep=span)  # [B, span, V]
+            step_logits, mask = self._feed_blocks(blocks, cache, features, mask, positions)  # [B, span, V]
             predicted = step_logits.argmax(-1)  # [B, span]
             logits = step_logits[:, 0]
             for row in sorted(running):
@@ -640,9 +646,7 @@ class StageBeamSearch:
                 if not alive:
                     running.discard(row)
                 logits[row] = step_logits[row, kept]
-                width = mask.shape[1]
-                mask[row, width - span + 1 + kept :] = 0  # the rejected draft positions
-                positions[row] += 1 + kept
+                _keep_fed(mask, positions, row, step_logits.shape[1], 1 + kept)
             if not running:
                 break
         for out in outs:
