@@ -62,6 +62,9 @@ class ModelArguments:
     qformer_hidden_size: int | None = None  # Q-Former width; None = the vision tower's (BLIP-2: 768)
     qformer_num_heads: int | None = None  # attention heads; None = the vision tower's (BLIP-2: 12)
     qformer_cross_attention_freq: int = 1  # a cross-attention layer every N layers (BLIP-2: 2)
+    # learned position embeddings on the vision features the queries cross-attend (BLIP-2: none, its ViT's
+    # features carry position; needed when a tower's do not, as the tiny one's; mllm.models.connectors.vision_positions)
+    qformer_vision_positions: bool = False
     qformer_embed_dim: int = 256  # ITC projection width (BLIP-2: 256)
     qformer_tokenizer: str | None = None  # tokenizer of the Q-Former's text; None = model_name_or_path's
     qformer_max_text_length: int = 32  # caption tokens, [CLS] included (BLIP-2: 32)

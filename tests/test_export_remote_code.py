@@ -4,6 +4,7 @@ in a fresh process that never imports mllm, with mllm's logits (1e-4) and greedy
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from tests.test_export_llava import make_run_dir, probe_image, run_fresh, write_reference
 
@@ -12,7 +13,34 @@ CASES = [
     ("clip-vision", "qwen2", "frozen", {"connector_type": "qformer", "num_query_tokens": 4}),
     ("siglip-vision", "gpt2", "frozen", {"connector_type": "mlp", "connector_depth": 3}),
     ("clip-vision", "llama", "lora", {"connector_type": "qformer", "num_query_tokens": 3}),
+    # learned vision positions (qformer_vision_positions): the remote copy must add them as mllm does
+    (
+        "clip-vision",
+        "qwen2",
+        "frozen",
+        {"connector_type": "qformer", "num_query_tokens": 2, "positions": True},
+    ),
 ]
+
+
+def _with_positions(vision: Path, architecture: dict) -> dict:
+    """``architecture`` with a Q-Former config that has a position embedding per vision token."""
+    from transformers import Blip2QFormerConfig
+
+    from mllm.models.vision import num_vision_tokens, vision_config_from
+
+    architecture = dict(architecture)
+    if architecture.pop("positions", False):
+        config = vision_config_from(str(vision))
+        architecture["qformer_config"] = Blip2QFormerConfig(
+            hidden_size=config.hidden_size,
+            num_hidden_layers=1,
+            num_attention_heads=config.num_attention_heads,
+            intermediate_size=2 * config.hidden_size,
+            encoder_hidden_size=config.hidden_size,
+            num_vision_positions=num_vision_tokens(config, "default"),
+        )
+    return architecture
 
 
 def test_remote_code_export_matches_mllm_in_a_fresh_process(tiny_components, tmp_path):
@@ -27,7 +55,7 @@ def test_remote_code_export_matches_mllm_in_a_fresh_process(tiny_components, tmp
             vision=vision,
             llm=llm,
             tune_llm=tune_llm,
-            **architecture,
+            **_with_positions(tiny_components[vision], architecture),
         )
         folder = export(run, tmp_path / f"remote{index}", to="remote-code")
         config = json.loads((folder / "config.json").read_text())

@@ -111,6 +111,8 @@ def test_stage2_starts_from_stage1_loads_and_generates(
     model, _, _ = load_stage2_from_stage1(run)
     stage1 = load_file(str(stage1_run / "model.safetensors"))
     assert torch.equal(model.connector.query_tokens, stage1["qformer.query_tokens"])
+    # the recipe's learned vision positions come along (a fresh set would scramble what the queries learned)
+    assert torch.equal(model.connector.vision_positions, stage1["qformer.vision_positions"])
     key = "qformer.encoder.layer.0.crossattention.attention.key.weight"
     assert torch.equal(model.connector.state_dict()[key], stage1[f"qformer.{key}"])
     assert model.config.num_image_tokens == 4 and not model.config.qformer_config.use_qformer_text_input

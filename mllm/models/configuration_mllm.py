@@ -9,7 +9,7 @@ from transformers import AutoConfig, Blip2QFormerConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
 from mllm.models.connectors import CONNECTORS
-from mllm.models.vision import vision_family
+from mllm.models.vision import num_vision_tokens, vision_family
 
 __all__ = ["ARCHITECTURE_FIELDS", "RECIPE_ARCHITECTURE_KEYS", "MllmConfig"]
 
@@ -113,8 +113,7 @@ class MllmConfig(PreTrainedConfig):
     @property
     def num_vision_tokens(self) -> int:
         """Tokens per image coming out of the vision tower after feature selection."""
-        keep_cls = self.vision_has_cls and self.vision_feature_select_strategy == "full"
-        return self.num_patches + int(keep_cls)
+        return num_vision_tokens(self.vision_config, self.vision_feature_select_strategy)
 
     @property
     def num_image_tokens(self) -> int:

@@ -9,7 +9,14 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedMode
 
 from mllm.registry import Registry
 
-__all__ = ["VisionFamily", "VISION_FAMILIES", "vision_family", "vision_config_from", "select_features"]
+__all__ = [
+    "VisionFamily",
+    "VISION_FAMILIES",
+    "vision_family",
+    "vision_config_from",
+    "num_vision_tokens",
+    "select_features",
+]
 
 
 @dataclass(frozen=True)
@@ -31,6 +38,14 @@ def vision_config_from(name_or_path: str, **kwargs) -> PretrainedConfig:
     """The vision config of a tower id/path; a full CLIP/SigLIP checkpoint yields its `vision_config`."""
     config = AutoConfig.from_pretrained(name_or_path, **kwargs)
     return getattr(config, "vision_config", None) or config
+
+
+def num_vision_tokens(vision_config: PretrainedConfig, select_strategy: str) -> int:
+    """Tokens per image the tower gives after feature selection: its patches, plus CLS when the
+    strategy is ``full`` and the tower has one."""
+    patches = (vision_config.image_size // vision_config.patch_size) ** 2
+    keep_cls = vision_family(vision_config.model_type).has_cls_token and select_strategy == "full"
+    return patches + int(keep_cls)
 
 
 def build_vision_tower(config: PretrainedConfig) -> PreTrainedModel:

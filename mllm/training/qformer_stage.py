@@ -47,7 +47,7 @@ from mllm.models.connectors.qformer_pretrain import (
 )
 from mllm.models.modeling_mllm import MllmForConditionalGeneration
 from mllm.models.processing_mllm import MllmProcessor
-from mllm.models.vision import vision_config_from
+from mllm.models.vision import num_vision_tokens, vision_config_from
 from mllm.run_dir import RunRecord, last_checkpoint, read_record, resolve_resume
 
 __all__ = [
@@ -158,6 +158,14 @@ class PairCollator:
 
 
 # -- model ------------------------------------------------------------------------------------
+def recipe_vision_positions(m: ModelArguments, vision_config: PreTrainedConfig) -> int:
+    """How many vision tokens get a learned position embedding under ``qformer_vision_positions``
+    (every token the tower gives after feature selection), 0 when the key is off."""
+    if not m.qformer_vision_positions:
+        return 0
+    return num_vision_tokens(vision_config, m.vision_feature_select_strategy)
+
+
 def recipe_qformer_config(
     m: ModelArguments, vision_config: PreTrainedConfig, **extra: Any
 ) -> Blip2QFormerConfig:
@@ -165,6 +173,7 @@ def recipe_qformer_config(
     ``qformer_num_heads``, ``qformer_cross_attention_freq``; width and heads default to the vision
     tower's), cross-attending to ``vision_config``'s features; ``extra`` for the text branch."""
     hidden = m.qformer_hidden_size or vision_config.hidden_size
+    extra.setdefault("num_vision_positions", recipe_vision_positions(m, vision_config))
     return Blip2QFormerConfig(
         hidden_size=hidden,
         num_hidden_layers=m.qformer_num_layers,
@@ -200,6 +209,7 @@ def build_stage1_model(run: RunConfig, tokenizer: PreTrainedTokenizerBase) -> QF
             cross_attention_frequency=m.qformer_cross_attention_freq,
         )
         qcfg.pad_token_id = ids["pad_token_id"]
+        qcfg.num_vision_positions = recipe_vision_positions(m, vision_config)
     else:
         qcfg = recipe_qformer_config(
             m,
@@ -411,12 +421,13 @@ def load_stage2_from_stage1(run: RunConfig) -> tuple[MllmForConditionalGeneratio
 
 
 def load_connector_from_stage1(model: MllmForConditionalGeneration, path: str | os.PathLike[str]) -> None:
-    """Copy stage 1's queries and Q-Former into ``model.connector``; only the projection stays fresh."""
+    """Copy stage 1's queries, vision position embeddings (if any) and Q-Former into
+    ``model.connector``; only the projection stays fresh."""
     weights = load_file(str(Path(path) / "model.safetensors"))
     state: dict[str, torch.Tensor] = {}
     for key, value in weights.items():
-        if key == "qformer.query_tokens":
-            state["query_tokens"] = value
+        if key in ("qformer.query_tokens", "qformer.vision_positions"):
+            state[key.removeprefix("qformer.")] = value
         elif key.startswith("qformer.qformer.") and not is_text_ffn_key(key):
             state[key.removeprefix("qformer.")] = value
     dtype = next(model.connector.parameters()).dtype

@@ -47,10 +47,17 @@ class QFormerConnector(nn.Module):
         super().__init__()
         qcfg = config.qformer_config
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, qcfg.hidden_size))
+        # learned position embeddings of the vision tokens, when the model was trained with them
+        n_positions = int(getattr(qcfg, "num_vision_positions", 0) or 0)
+        self.vision_positions = (
+            nn.Parameter(torch.zeros(1, n_positions, qcfg.encoder_hidden_size)) if n_positions else None
+        )
         self.qformer = Blip2QFormerModel(qcfg)
         self.proj = nn.Linear(qcfg.hidden_size, config.text_config.hidden_size)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:  # [N, T_vis, D_vis] -> [N, Q, D_llm]
+        if self.vision_positions is not None:
+            features = features + self.vision_positions.to(features.dtype)
         queries = self.query_tokens.expand(features.shape[0], -1, -1)  # [N, Q, D_q]
         encoder_mask = torch.ones(features.shape[:2], dtype=torch.long, device=features.device)
         out = self.qformer(

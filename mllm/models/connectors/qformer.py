@@ -13,6 +13,7 @@ from torch import nn
 from transformers import Blip2QFormerModel
 
 from mllm.models.connectors.registry import CONNECTORS
+from mllm.models.connectors.vision_positions import add_vision_positions, make_vision_positions
 
 if TYPE_CHECKING:
     from mllm.models.configuration_mllm import MllmConfig
@@ -27,10 +28,12 @@ class QFormerConnector(nn.Module):
         qcfg = config.qformer_config
         self.query_tokens = nn.Parameter(torch.zeros(1, config.num_query_tokens, qcfg.hidden_size))
         nn.init.normal_(self.query_tokens, std=qcfg.initializer_range)
+        self.vision_positions = make_vision_positions(qcfg)  # None unless qcfg.num_vision_positions
         self.qformer = Blip2QFormerModel(qcfg)
         self.proj = nn.Linear(qcfg.hidden_size, config.text_config.hidden_size)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:  # [N, T_vis, D_vis] -> [N, Q, D_llm]
+        features = add_vision_positions(features, self.vision_positions)
         queries = self.query_tokens.expand(features.shape[0], -1, -1)  # [N, Q, D_q]
         encoder_mask = torch.ones(features.shape[:2], dtype=torch.long, device=features.device)
         out = self.qformer(

@@ -254,8 +254,11 @@ def is_text_ffn_key(key: str) -> bool:
 
 
 def connector_state_dict(model: QFormerPretrainModel) -> dict[str, torch.Tensor]:
-    """The stage-1 weights that `QFormerConnector` holds (``query_tokens``, ``qformer.*``), text FFNs dropped."""
+    """The stage-1 weights that `QFormerConnector` holds (``query_tokens``, ``vision_positions`` if any,
+    ``qformer.*``), text FFNs dropped."""
     out = {"query_tokens": model.qformer.query_tokens.detach()}
+    if model.qformer.vision_positions is not None:
+        out["vision_positions"] = model.qformer.vision_positions.detach()
     for key, value in model.qformer.qformer.state_dict().items():
         if not is_text_ffn_key(key):
             out[f"qformer.{key}"] = value

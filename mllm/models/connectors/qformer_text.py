@@ -25,6 +25,8 @@ from transformers import Blip2QFormerConfig, Blip2QFormerModel
 from transformers.activations import ACT2FN
 from transformers.models.blip_2.modeling_blip_2 import Blip2TextEmbeddings
 
+from mllm.models.connectors.vision_positions import add_vision_positions, make_vision_positions
+
 __all__ = [
     "QFormerLMHead",
     "QFormerWithText",
@@ -96,7 +98,7 @@ class QFormerWithText(nn.Module):
 
     ``config`` is a `Blip2QFormerConfig`; ``use_qformer_text_input`` is switched on (the text
     feed-forward layers), ``vocab_size`` is the text vocabulary and ``pad_token_id`` its padding.
-    The parameter names of ``query_tokens`` and ``qformer`` match `QFormerConnector`, so a stage-1
+    The parameter names of ``query_tokens``, ``vision_positions`` and ``qformer`` match `QFormerConnector`, so a stage-1
     Q-Former loads into the connector of stage 2 key for key.
     """
 
@@ -106,6 +108,7 @@ class QFormerWithText(nn.Module):
         self.config = config
         self.query_tokens = nn.Parameter(torch.zeros(1, num_query_tokens, config.hidden_size))
         nn.init.normal_(self.query_tokens, std=config.initializer_range)
+        self.vision_positions = make_vision_positions(config)  # None unless config.num_vision_positions
         self.embeddings = Blip2TextEmbeddings(config)
         self.qformer = Blip2QFormerModel(config)
         self.lm_head = QFormerLMHead(config)  # ITG head over the text vocabulary
@@ -131,6 +134,7 @@ class QFormerWithText(nn.Module):
             embeds = self.embeddings(input_ids=input_ids, position_ids=positions)  # [B, T, D_q]
             query_length = 0
         else:
+            image_embeds = add_vision_positions(image_embeds, self.vision_positions)
             queries = self.query_tokens.expand(image_embeds.shape[0], -1, -1)  # [B, Q, D_q]
             embeds = self.embeddings(
                 input_ids=input_ids, position_ids=positions, query_embeds=queries
