@@ -42,6 +42,7 @@ SHAPE = [
     "qformer_num_heads=null",
     "qformer_hidden_size=null",
     "qformer_cross_attention_freq=1",
+    "qformer_vision_positions=true",  # the tiny tower's features carry little position (see the README)
 ]
 
 
