@@ -17,7 +17,8 @@ trained only through the LLM (randomly initialised), on the same data and budget
 6. exact match of both on the held-out test questions.
 
 The Q-Former has the same shape in both arms (2 layers of the vision tower's width, each with a
-cross-attention, --queries queries, 32 by default), so only the initialisation differs. 3000 scenes by
+cross-attention, --queries queries, 32 by default, learned vision positions), so only the
+initialisation differs. 3000 scenes by
 default, to stay within 15 minutes on 2 cores; on that budget even the MLP connector reaches only 59%
 on the test questions (one run), so ``--num-scenes 6000 --stage1-epochs 6`` (the main job's world,
 where the MLP reaches 96%; about 17 minutes) is the fair comparison of connectors.
