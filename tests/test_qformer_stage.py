@@ -129,3 +129,24 @@ def test_stage2_starts_from_stage1_loads_and_generates(
     with torch.no_grad():
         generated = loaded.generate(**inputs, max_new_tokens=4, do_sample=False)
     assert generated.shape[1] > inputs["input_ids"].shape[1]
+
+
+def test_stage2_refuses_vision_positions_stage1_was_not_trained_with(
+    stage1_run: Path, tiny_components, synth_small, tmp_path
+) -> None:
+    from mllm.config import ConfigError
+    from mllm.training.qformer_stage import load_stage2_from_stage1
+
+    run = build_run_config(
+        STAGE2,
+        [
+            f"model_name_or_path={tiny_components['llama']}",
+            f"init_from={stage1_run}",
+            f"data_path={synth_small / 'stage1_train.json'}",
+            f"image_folder={synth_small}",
+            f"output_dir={tmp_path / 'stage2'}",
+            "qformer_vision_positions=false",  # stage 1's recipe turned them on
+        ],
+    )
+    with pytest.raises(ConfigError, match="`qformer_vision_positions` is False here.*trained with them"):
+        load_stage2_from_stage1(run)

@@ -386,6 +386,12 @@ def load_stage2_from_stage1(run: RunConfig) -> tuple[MllmForConditionalGeneratio
                 f"`{key}` is {getattr(run.model, key)!r} here but {getattr(stage1, key)!r} in init_from `{path}`; "
                 "a stage started from stage 1 inherits it."
             )
+    had_positions = bool(getattr(stage1.qformer_config, "num_vision_positions", 0))
+    if "qformer_vision_positions" in run.source and run.model.qformer_vision_positions != had_positions:
+        raise ConfigError(
+            f"`qformer_vision_positions` is {run.model.qformer_vision_positions} here but init_from `{path}` "
+            f"was trained {'with' if had_positions else 'without'} them; remove it (stage 2 inherits it)."
+        )
     if not run.model.model_name_or_path:
         raise ConfigError("stage 2 needs `model_name_or_path` (the LLM): stage 1 had none.")
     qcfg = copy.deepcopy(stage1.qformer_config)

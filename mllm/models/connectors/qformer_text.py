@@ -98,8 +98,8 @@ class QFormerWithText(nn.Module):
 
     ``config`` is a `Blip2QFormerConfig`; ``use_qformer_text_input`` is switched on (the text
     feed-forward layers), ``vocab_size`` is the text vocabulary and ``pad_token_id`` its padding.
-    The parameter names of ``query_tokens``, ``vision_positions`` and ``qformer`` match `QFormerConnector`, so a stage-1
-    Q-Former loads into the connector of stage 2 key for key.
+    The parameter names of ``query_tokens``, ``vision_positions`` and ``qformer`` match
+    `QFormerConnector`, so a stage-1 Q-Former loads into the connector of stage 2 key for key.
     """
 
     def __init__(self, config: Blip2QFormerConfig, num_query_tokens: int) -> None:
