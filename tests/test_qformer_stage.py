@@ -39,6 +39,20 @@ def _stage1(tiny_components, data: Path, out: Path, *more: str):
     )
 
 
+def _stage2(tiny_components, stage1_run: Path, data: Path, out: Path, *more: str):
+    return build_run_config(
+        STAGE2,
+        [
+            f"model_name_or_path={tiny_components['llama']}",
+            f"init_from={stage1_run}",
+            f"data_path={data / 'stage1_train.json'}",
+            f"image_folder={data}",
+            f"output_dir={out}",
+            *more,
+        ],
+    )
+
+
 @pytest.fixture(scope="module")
 def stage1_run(tiny_components, synth_small, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("blip2") / "stage1"
@@ -96,17 +110,8 @@ def test_stage2_starts_from_stage1_loads_and_generates(
     from mllm.training.qformer_stage import load_stage2_from_stage1
 
     out = tmp_path / "stage2"
-    run = build_run_config(
-        STAGE2,
-        [
-            f"model_name_or_path={tiny_components['llama']}",
-            f"init_from={stage1_run}",
-            f"data_path={synth_small / 'stage1_train.json'}",
-            f"image_folder={synth_small}",
-            f"output_dir={out}",
-            "max_steps=2",
-            "per_device_train_batch_size=4",
-        ],
+    run = _stage2(
+        tiny_components, stage1_run, synth_small, out, "max_steps=2", "per_device_train_batch_size=4"
     )
     model, _, _ = load_stage2_from_stage1(run)
     stage1 = load_file(str(stage1_run / "model.safetensors"))
@@ -137,16 +142,9 @@ def test_stage2_refuses_vision_positions_stage1_was_not_trained_with(
     from mllm.config import ConfigError
     from mllm.training.qformer_stage import load_stage2_from_stage1
 
-    run = build_run_config(
-        STAGE2,
-        [
-            f"model_name_or_path={tiny_components['llama']}",
-            f"init_from={stage1_run}",
-            f"data_path={synth_small / 'stage1_train.json'}",
-            f"image_folder={synth_small}",
-            f"output_dir={tmp_path / 'stage2'}",
-            "qformer_vision_positions=false",  # stage 1's recipe turned them on
-        ],
+    # stage 1's recipe turned them on
+    run = _stage2(
+        tiny_components, stage1_run, synth_small, tmp_path / "stage2", "qformer_vision_positions=false"
     )
     with pytest.raises(ConfigError, match="`qformer_vision_positions` is False here.*trained with them"):
         load_stage2_from_stage1(run)
