@@ -102,11 +102,6 @@ class MllmConfig(PreTrainedConfig):
         return {name: getattr(self, name) for name in ARCHITECTURE_FIELDS}
 
     @property
-    def num_patches(self) -> int:
-        """Patch tokens the vision tower produces per image (CLS not counted)."""
-        return (self.vision_config.image_size // self.vision_config.patch_size) ** 2
-
-    @property
     def vision_has_cls(self) -> bool:
         return vision_family(self.vision_config.model_type).has_cls_token
 

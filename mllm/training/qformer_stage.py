@@ -43,8 +43,9 @@ from mllm.models.connectors.qformer_bert_init import init_text_from_bert, qforme
 from mllm.models.connectors.qformer_pretrain import (
     QFormerPretrainConfig,
     QFormerPretrainModel,
-    is_text_ffn_key,
+    connector_key,
 )
+from mllm.models.connectors.vision_positions import num_vision_positions
 from mllm.models.modeling_mllm import MllmForConditionalGeneration
 from mllm.models.processing_mllm import MllmProcessor
 from mllm.models.vision import num_vision_tokens, vision_config_from
@@ -380,18 +381,17 @@ def load_stage2_from_stage1(run: RunConfig) -> tuple[MllmForConditionalGeneratio
             f"`vision_tower` is {run.model.vision_tower!r} here but {vision!r} in init_from `{path}`: the Q-Former "
             "was trained on that tower's features; remove vision_tower from the recipe."
         )
-    for key in ("num_query_tokens", "vision_feature_layer", "vision_feature_select_strategy"):
-        if key in run.source and getattr(run.model, key) != getattr(stage1, key):
+    inherited = {
+        key: getattr(stage1, key)
+        for key in ("num_query_tokens", "vision_feature_layer", "vision_feature_select_strategy")
+    }
+    inherited["qformer_vision_positions"] = num_vision_positions(stage1.qformer_config) > 0
+    for key, value in inherited.items():
+        if key in run.source and getattr(run.model, key) != value:
             raise ConfigError(
-                f"`{key}` is {getattr(run.model, key)!r} here but {getattr(stage1, key)!r} in init_from `{path}`; "
+                f"`{key}` is {getattr(run.model, key)!r} here but {value!r} in init_from `{path}`; "
                 "a stage started from stage 1 inherits it."
             )
-    had_positions = bool(getattr(stage1.qformer_config, "num_vision_positions", 0))
-    if "qformer_vision_positions" in run.source and run.model.qformer_vision_positions != had_positions:
-        raise ConfigError(
-            f"`qformer_vision_positions` is {run.model.qformer_vision_positions} here but init_from `{path}` "
-            f"was trained {'with' if had_positions else 'without'} them; remove it (stage 2 inherits it)."
-        )
     if not run.model.model_name_or_path:
         raise ConfigError("stage 2 needs `model_name_or_path` (the LLM): stage 1 had none.")
     qcfg = copy.deepcopy(stage1.qformer_config)
@@ -430,12 +430,7 @@ def load_connector_from_stage1(model: MllmForConditionalGeneration, path: str | 
     """Copy stage 1's queries, vision position embeddings (if any) and Q-Former into
     ``model.connector``; only the projection stays fresh."""
     weights = load_file(str(Path(path) / "model.safetensors"))
-    state: dict[str, torch.Tensor] = {}
-    for key, value in weights.items():
-        if key in ("qformer.query_tokens", "qformer.vision_positions"):
-            state[key.removeprefix("qformer.")] = value
-        elif key.startswith("qformer.qformer.") and not is_text_ffn_key(key):
-            state[key.removeprefix("qformer.")] = value
+    state = {target: value for key, value in weights.items() if (target := connector_key(key)) is not None}
     dtype = next(model.connector.parameters()).dtype
     missing, unexpected = model.connector.load_state_dict(
         {k: v.to(dtype) for k, v in state.items()}, strict=False

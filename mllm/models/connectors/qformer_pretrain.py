@@ -48,6 +48,7 @@ __all__ = [
     "QFormerPretrainConfig",
     "QFormerPretrainModel",
     "QFormerPretrainOutput",
+    "connector_key",
     "connector_state_dict",
     "is_text_ffn_key",
 ]
@@ -253,13 +254,22 @@ def is_text_ffn_key(key: str) -> bool:
     return False
 
 
+def connector_key(key: str) -> str | None:
+    """The `QFormerConnector` key of a stage-1 state-dict key (``qformer.query_tokens``,
+    ``qformer.vision_positions``, ``qformer.qformer.*``), or None for what the connector does not
+    hold: the vision tower, the ITC / ITM / ITG heads, the text embeddings and the text FFNs."""
+    if key in ("qformer.query_tokens", "qformer.vision_positions"):
+        return key.removeprefix("qformer.")
+    if key.startswith("qformer.qformer.") and not is_text_ffn_key(key):
+        return key.removeprefix("qformer.")
+    return None
+
+
 def connector_state_dict(model: QFormerPretrainModel) -> dict[str, torch.Tensor]:
     """The stage-1 weights that `QFormerConnector` holds (``query_tokens``, ``vision_positions`` if any,
     ``qformer.*``), text FFNs dropped."""
-    out = {"query_tokens": model.qformer.query_tokens.detach()}
-    if model.qformer.vision_positions is not None:
-        out["vision_positions"] = model.qformer.vision_positions.detach()
-    for key, value in model.qformer.qformer.state_dict().items():
-        if not is_text_ffn_key(key):
-            out[f"qformer.{key}"] = value
-    return out
+    return {
+        target: value.detach()
+        for key, value in model.state_dict().items()
+        if (target := connector_key(key)) is not None
+    }
