@@ -18,6 +18,8 @@ def test_probe_prints_held_out_cell_accuracy(tiny_components, synth_small, conne
     command += [
         "--tower",
         str(tiny_components["clip-vision"]),
+        "--llm",
+        str(tiny_components["llama"]),
         "--steps",
         "4",
         "--eval-every",
